@@ -1,0 +1,277 @@
+"""Configuration: TOML validated by pydantic. Unknown keys are errors, and every error names
+the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qrad_agent.core.models import Mode, Role
+
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeConfig(Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "qrad-sim"
+    state_dir: Path = Path("/var/lib/qrad-agent")
+
+
+class ControlConfig(Section):
+    period_s: Annotated[float, Field(ge=1, le=300)] = 10.0
+    sensor_period_s: Annotated[float, Field(ge=0.5, le=60)] = 2.0
+
+    @model_validator(mode="after")
+    def _sensors_not_slower(self) -> ControlConfig:
+        if self.sensor_period_s > self.period_s:
+            raise ValueError(
+                f"sensor_period_s ({self.sensor_period_s}) must not exceed period_s "
+                f"({self.period_s}): every control tick needs a fresh reading"
+            )
+        return self
+
+
+class PidConfig(Section):
+    """Gains in demand units: demand 1.0 = every slot at full speed."""
+
+    kp: Annotated[float, Field(ge=0, le=10)] = 0.35  # per kelvin
+    ki: Annotated[float, Field(ge=0, le=0.1)] = 0.00012  # per kelvin-second
+    kd: Annotated[float, Field(ge=0, le=10000)] = 0.0  # per kelvin/second
+    d_filter_s: Annotated[float, Field(ge=0, le=3600)] = 120.0  # derivative low-pass time const
+    feedforward_w_per_k: Annotated[float, Field(ge=0, le=1000)] = 0.0  # 0 = no outdoor feed-forward
+
+
+class ComfortPeriod(Section):
+    """A comfort period on some days, e.g. ``{days = "mon-fri", start = "06:00", end = "22:00"}``.
+
+    ``end`` before ``start`` means the period runs past midnight into the next day.
+    """
+
+    days: str = "mon-sun"
+    start: str
+    end: str
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not _HHMM.match(v):
+            raise ValueError(f"{v!r} is not a time of day; use HH:MM from 00:00 to 24:00")
+        return v
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: str) -> str:
+        parse_days(v)
+        return v
+
+    def weekdays(self) -> list[int]:
+        return parse_days(self.days)
+
+    def minutes(self) -> tuple[int, int]:
+        def m(s: str) -> int:
+            h, mm = s.split(":")
+            return int(h) * 60 + int(mm)
+
+        return m(self.start), m(self.end)
+
+
+def parse_days(spec: str) -> list[int]:
+    """``"mon-fri"``, ``"sat,sun"``, ``"mon-sun"`` or ``"daily"`` to weekday numbers (Mon = 0)."""
+    spec = spec.strip().lower()
+    if spec == "daily":
+        return list(range(7))
+    days: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        ends = part.split("-")
+        if len(ends) > 2 or any(e not in DAY_NAMES for e in ends):
+            raise ValueError(
+                f"{spec!r} is not a set of days; use names from {', '.join(DAY_NAMES)} "
+                "joined by ',' and '-' (e.g. 'mon-fri' or 'sat,sun'), or 'daily'"
+            )
+        a, b = DAY_NAMES.index(ends[0]), DAY_NAMES.index(ends[-1])
+        days.extend(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return sorted(set(days))
+
+
+class WindowConfig(Section):
+    """Window-open detection from the room temperature's slope."""
+
+    enabled: bool = True
+    drop_k: Annotated[float, Field(gt=0, le=10)] = 0.6  # fall that signals an open window …
+    within_s: Annotated[float, Field(ge=30, le=1800)] = 300.0  # … within this time
+    max_off_s: Annotated[float, Field(ge=60, le=7200)] = 1800.0  # longest heating pause
+
+
+class OptimalStartConfig(Section):
+    enabled: bool = True
+    initial_rate_k_per_h: Annotated[float, Field(gt=0, le=20)] = 1.0  # until one warm-up is seen
+    max_lead_s: Annotated[float, Field(ge=0, le=6 * 3600)] = 4 * 3600.0
+
+
+class ThermostatConfig(Section):
+    mode: Mode = Mode.AUTO
+    comfort_c: Annotated[float, Field(ge=10, le=28)] = 21.0
+    eco_c: Annotated[float, Field(ge=5, le=28)] = 18.0
+    frost_c: Annotated[float, Field(ge=5, le=12)] = 7.0
+    boost_c: Annotated[float, Field(ge=10, le=28)] = 23.0
+    boost_s: Annotated[float, Field(ge=60, le=4 * 3600)] = 3600.0
+    schedule: list[ComfortPeriod] = Field(
+        default_factory=lambda: [ComfortPeriod(days="mon-sun", start="06:00", end="22:00")]
+    )
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    optimal_start: OptimalStartConfig = Field(default_factory=OptimalStartConfig)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThermostatConfig:
+        if not self.frost_c <= self.eco_c <= self.comfort_c:
+            raise ValueError(
+                f"setpoints must satisfy frost_c <= eco_c <= comfort_c; got frost_c={self.frost_c},"
+                f" eco_c={self.eco_c}, comfort_c={self.comfort_c}"
+            )
+        return self
+
+
+class AllocatorConfig(Section):
+    """How heat demand becomes worker slots, a frequency cap and a CPU quota."""
+
+    slots: Annotated[int, Field(ge=0, le=256)] = 0  # 0 = one per CPU core
+    min_on_s: Annotated[float, Field(ge=0, le=7200)] = 600.0
+    min_off_s: Annotated[float, Field(ge=0, le=7200)] = 600.0
+    slot_hysteresis: Annotated[float, Field(ge=0, le=0.9)] = 0.3  # in slots
+    start_demand: Annotated[float, Field(gt=0, le=0.5)] = 0.04  # first slot starts above this
+    stop_demand: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # last slot stops below this
+    min_quota: Annotated[float, Field(gt=0, le=1)] = 0.05
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AllocatorConfig:
+        if self.stop_demand >= self.start_demand:
+            raise ValueError(
+                f"stop_demand ({self.stop_demand}) must be below start_demand "
+                f"({self.start_demand}) so the last slot has hysteresis"
+            )
+        return self
+
+
+class PowerModelConfig(Section):
+    """Board watts = idle_w + per running slot: slot_w * (freq / max_freq) ** freq_exponent * quota."""
+
+    idle_w: Annotated[float, Field(ge=0, le=2000)] = 20.0
+    slot_w: Annotated[float, Field(gt=0, le=1000)] = 120.0
+    freq_exponent: Annotated[float, Field(ge=0.5, le=3)] = 1.5
+
+
+class SensorConfig(Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")]
+    kind: str
+    bus: Annotated[int, Field(ge=0, le=255)] = 1
+    address: Annotated[int, Field(ge=0x03, le=0x77)] | None = None
+    role: Role = Role.ROOM
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from qrad_agent.sensors import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown sensor kind {v!r}; allowed: {', '.join(sorted(REGISTRY))}")
+        return v
+
+
+class CpufreqConfig(Section):
+    enabled: bool = True
+    sysfs_root: Path = Path("/sys")
+
+
+class ActuatorsConfig(Section):
+    cpufreq: CpufreqConfig = Field(default_factory=CpufreqConfig)
+
+
+class SimConfig(Section):
+    """The simulated radiator used by ``run --sim`` (and by ``simulate`` unless a scenario says)."""
+
+    scenario: str = "winter-week"  # a shipped scenario name or a path to a scenario TOML
+    cores: Annotated[int, Field(ge=1, le=64)] = 4
+    min_freq_khz: Annotated[int, Field(ge=100_000)] = 800_000
+    max_freq_khz: Annotated[int, Field(ge=100_000)] = 3_000_000
+    freq_step_khz: Annotated[int, Field(ge=1_000)] = 100_000
+    sensor_noise_k: Annotated[float, Field(ge=0, le=1)] = 0.02
+
+
+class AgentConfig(Section):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    pid: PidConfig = Field(default_factory=PidConfig)
+    thermostat: ThermostatConfig = Field(default_factory=ThermostatConfig)
+    allocator: AllocatorConfig = Field(default_factory=AllocatorConfig)
+    power_model: PowerModelConfig = Field(default_factory=PowerModelConfig)
+    sensors: list[SensorConfig] = Field(
+        default_factory=lambda: [SensorConfig(name="room", kind="tmp102", bus=1, address=0x48)]
+    )
+    actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+    @field_validator("sensors")
+    @classmethod
+    def _unique_names(cls, v: list[SensorConfig]) -> list[SensorConfig]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sensor names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``problems`` holds one line per fault, for people."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `qrad-agent config schema` lists every key)"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) \
+            else f" (got {value!r})"
+        lines.append(f"{path}: {msg}{shown}")
+    return lines
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, describe_errors(exc)) from None
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    return AgentConfig.model_json_schema()
