@@ -163,7 +163,7 @@ class AllocatorConfig(Section):
 
 
 class PowerModelConfig(Section):
-    """Board watts = idle_w + per running slot: slot_w * (freq / max_freq) ** freq_exponent * quota."""
+    """Board watts = idle_w + per slot: slot_w * (freq / max_freq) ** freq_exponent * quota."""
 
     idle_w: Annotated[float, Field(ge=0, le=2000)] = 20.0
     slot_w: Annotated[float, Field(gt=0, le=1000)] = 120.0

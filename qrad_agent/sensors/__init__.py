@@ -8,18 +8,32 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 from qrad_agent.sensors.base import I2CBus, Measurement, SensorDriver, SensorError
+from qrad_agent.sensors.htu21d import HTU21D
+from qrad_agent.sensors.lm75 import LM75, LM75A
+from qrad_agent.sensors.mcp9808 import MCP9808
+from qrad_agent.sensors.sht3x import SHT3x
+from qrad_agent.sensors.sht4x import SHT4x
 from qrad_agent.sensors.tmp102 import TMP102
 
 # kind -> driver class. Each class carries its default addresses (``addresses[0]``).
 REGISTRY: dict[str, type[SensorDriver]] = {
     cls.kind: cls
-    for cls in (TMP102,)
+    for cls in (TMP102, LM75, LM75A, MCP9808, SHT3x, SHT4x, HTU21D)
 }
 
 
-def open_sensor(kind: str, bus: I2CBus, address: int | None = None) -> SensorDriver:
-    """Return the driver for ``kind`` on ``bus`` at ``address`` (default: the chip's first)."""
+def open_sensor(
+    kind: str, bus: I2CBus, address: int | None = None, sleep: Callable[[float], None] | None = None
+) -> SensorDriver:
+    """Return the driver for ``kind`` on ``bus`` at ``address`` (default: the chip's first).
+
+    ``sleep`` replaces ``time.sleep`` for chips that must wait for a conversion, so the
+    simulator can advance its own clock instead of waiting.
+    """
     try:
         cls = REGISTRY[kind]
     except KeyError:
@@ -29,6 +43,8 @@ def open_sensor(kind: str, bus: I2CBus, address: int | None = None) -> SensorDri
     if chosen not in cls.addresses:
         allowed = ", ".join(f"0x{a:02x}" for a in cls.addresses)
         raise ValueError(f"{kind} cannot be at address 0x{chosen:02x}; allowed: {allowed}")
+    if sleep is not None and "sleep" in inspect.signature(cls).parameters:
+        return cls(bus, chosen, sleep=sleep)  # type: ignore[call-arg]
     return cls(bus, chosen)  # type: ignore[call-arg]
 
 

@@ -22,8 +22,9 @@ class TMP102Chip(RegisterChip):
         self.temperature_c = temperature_c
         self.powered_at = self.clock()
         self.config = bytes([0x60, 0xA0])  # the power-on default
-        self.registers = {0x00: b"\x00\x00", 0x01: self.config, 0x02: b"\x4b\x00", 0x03: b"\x50\x00"}
-        self._stuck_word: bytes | None = None
+        self.registers = {
+            0x00: b"\x00\x00", 0x01: self.config, 0x02: b"\x4b\x00", 0x03: b"\x50\x00"
+        }
 
     @property
     def extended(self) -> bool:
@@ -42,13 +43,9 @@ class TMP102Chip(RegisterChip):
         if self.clock() - self.powered_at < FIRST_CONVERSION_S:
             self.registers[0x00] = b"\x00\x00"
             return
-        word = self.encode(self.temperature_c)
-        if self.fault == "stuck":
-            self._stuck_word = self._stuck_word or word
-            word = self._stuck_word
-        else:
-            self._stuck_word = None
-        self.registers[0x00] = word
+        if self.fault == "stuck" and self.registers[0x00] != b"\x00\x00":
+            return  # a stuck chip keeps sending the last word it converted
+        self.registers[0x00] = self.encode(self.temperature_c)
 
     def write_register(self, register: int, data: bytes) -> None:
         if register == 0x01 and len(data) == 2:

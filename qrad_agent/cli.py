@@ -1,0 +1,206 @@
+"""``qrad-agent``: the technician's and the developer's command line. Parsing and printing
+only; the work is done by the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from qrad_agent import __version__
+from qrad_agent.config import AgentConfig, ConfigError, json_schema, load_config
+
+if TYPE_CHECKING:
+    from qrad_agent.agent import Agent
+    from qrad_agent.core.controller import Decision
+    from qrad_agent.sim.world import SimWorld
+
+
+def _load(path: str | None) -> AgentConfig:
+    return load_config(path) if path else AgentConfig()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_cmd == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qrad_agent.runner import StopFlag, run_realtime
+
+    cfg = _load(args.config)
+    stop = StopFlag()
+    stop.install()
+    if not args.sim:
+        from qrad_agent.hardware import build_hardware_agent
+
+        agent = build_hardware_agent(cfg)
+        try:
+            run_realtime(agent, stop)
+        finally:
+            agent.stop()
+        return 0
+
+    from qrad_agent.sim.run import build_sim_agent
+    from qrad_agent.sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario or cfg.sim.scenario)
+    agent, world = build_sim_agent(cfg, scenario)
+    live = LiveReadout(agent, world, sys.stdout)
+    print(
+        f"qrad-agent {__version__}: simulated radiator in '{scenario.name}' at {args.speed:g}x "
+        f"({scenario.radiator.max_power_w:.0f} W, {scenario.radiator.cores} slots). Ctrl-C stops."
+    )
+    try:
+        run_realtime(agent, stop, world, args.speed, live.show, args.duration)
+    finally:
+        agent.stop()
+        live.summary(stop.signal_name)
+        world.close()
+    return 0
+
+
+class LiveReadout:
+    """One line per control tick: what the room is, what the agent wants, what it runs."""
+
+    def __init__(self, agent: Agent, world: SimWorld, out: TextIO) -> None:
+        self.agent, self.world = agent, world
+        self.out = out
+        self.tty = self.out.isatty()
+        self.energy_start = world.energy_wh
+
+    def show(self, decision: Decision) -> None:
+        room = self.agent.stats.last_room.temperature_c
+        target = "off" if decision.target_c is None else f"{decision.target_c:4.1f}"
+        shown = "  —  " if room is None else f"{room:5.2f}"
+        line = (
+            f"{self.world.local_time():%a %H:%M}  room {shown} °C"
+            f"  target {target} °C ({decision.reason})  demand {decision.demand:4.0%}"
+            f"  plan {decision.plan.describe()}  {self.world.power_w:4.0f} W"
+            f"  outdoor {self.world.outdoor_c:5.1f} °C"
+        )
+        if self.tty:
+            self.out.write("\r" + line + "\x1b[K")
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def summary(self, signal_name: str) -> None:
+        w = self.world
+        why = f" ({signal_name})" if signal_name else ""
+        print(
+            f"\nstopped{why} after {w.t / 3600:.1f} simulated hours: room {w.room.air_c:.2f} °C,"
+            f" energy {(w.energy_wh - self.energy_start) / 1000:.2f} kWh,"
+            f" {w.slots.starts} worker starts, {self.agent.stats.ticks} control ticks;"
+            " levers restored."
+        )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from qrad_agent.sim.run import Trace, simulate
+    from qrad_agent.sim.scenario import load_scenario
+
+    cfg = _load(args.config)
+    scenario = load_scenario(args.scenario)
+    trace = Trace() if args.plot else None
+    kpis = simulate(cfg, scenario, args.controller, trace, args.days)
+    if args.plot and trace is not None:
+        from qrad_agent.sim.plot import plot_trace
+
+        plot_trace(trace, kpis, Path(args.plot))
+    if args.json:
+        print(json.dumps(kpis.as_dict()))
+    else:
+        print(f"scenario {kpis.scenario}, controller {kpis.controller}, {kpis.sim_days:.1f} days")
+        print(f"  discomfort        {kpis.discomfort_kh:8.3f} K·h")
+        print(f"  energy            {kpis.energy_kwh:8.2f} kWh  (mean {kpis.mean_power_w:.0f} W)")
+        print(f"  rms error         {kpis.rms_error_k:8.3f} K")
+        print(f"  max overshoot     {kpis.max_overshoot_k:8.2f} K")
+        print(f"  worker starts     {kpis.worker_starts:8d}   switch-ons {kpis.switches}")
+        print(f"  compute           {kpis.compute_core_hours:8.1f} core-hours")
+        print(f"  wall time         {kpis.wall_s:8.2f} s")
+        if args.plot:
+            print(f"  plot              {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qrad-agent",
+        description="The agent for compute radiators: keeps a room warm by deciding how much "
+        "to compute.",
+    )
+    p.add_argument("--version", action="version", version=f"qrad-agent {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (on the board, or --sim)")
+    run.add_argument("-c", "--config", help="config file (default: built-in simulated radiator)")
+    run.add_argument("--sim", action="store_true", help="run on a simulated radiator")
+    run.add_argument("--speed", type=_positive, default=60.0,
+                     help="simulated seconds per real second with --sim (default 60)")
+    run.add_argument("--scenario", help="scenario name or file for --sim (default: config's)")
+    run.add_argument("--duration", type=_positive, help="stop after this many real seconds")
+    run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser("simulate", help="run a scenario as fast as possible and score it")
+    sim.add_argument("--scenario", required=True, help="scenario name (winter-week, …) or file")
+    sim.add_argument("-c", "--config", help="agent config file (default: built-in)")
+    sim.add_argument("--controller", choices=("agent", "bangbang", "simple-pid"), default="agent")
+    sim.add_argument("--days", type=_positive, help="simulate this many days (default: scenario's)")
+    sim.add_argument("--json", action="store_true", help="print the KPIs as one JSON object")
+    sim.add_argument("--plot", metavar="FILE.png", help="draw temperatures, power and slots")
+    sim.set_defaults(func=cmd_simulate)
+
+    conf = sub.add_parser("config", help="validate a config file or print its JSON Schema")
+    csub = conf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    val = csub.add_parser("validate", help="check a config file; exit 0 if valid, 1 if not")
+    val.add_argument("file")
+    csub.add_parser("schema", help="print the JSON Schema of the config")
+    conf.set_defaults(func=cmd_config)
+    return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Heat demand to a compute plan: how many worker slots run, at what frequency cap and quota.
+
+Demand ``u`` in [0, 1] asks for ``u`` of the radiator's dynamic power, i.e. ``u * N`` slots'
+worth at full speed. Two kinds of lever share the work:
+
+- Coarse: the number of running slots (worker processes, i.e. jobs). Starting and stopping
+  them has a cost (a job is paused or returned), so the count has hysteresis and minimum on
+  and off times.
+- Fine: the frequency cap and the CPU quota move every tick and make the power exactly what
+  was asked for, whatever the slot count is at the moment. That keeps the plan's power
+  continuous and monotonic in demand while the slot count lags behind.
+
+For a given heat, many slots at a low frequency compute more than few slots at a high one
+(dynamic power grows faster than frequency), so the allocator runs as many slots as can each
+be kept at or above the lowest frequency, and throttles with the quota only below that.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+from qrad_agent.config import AllocatorConfig
+from qrad_agent.core.models import Plan
+from qrad_agent.core.power import PowerModel
+
+
+class Allocator:
+    def __init__(
+        self,
+        cfg: AllocatorConfig,
+        slots: int,
+        model: PowerModel,
+        min_freq_khz: int,
+        freq_table_khz: Sequence[int] = (),
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"a radiator needs at least one worker slot, got {slots}")
+        self.cfg = cfg
+        self.n_max = slots
+        self.model = model
+        self.min_freq_khz = min_freq_khz
+        self.max_freq_khz = model.max_freq_khz
+        self.table = sorted(f for f in freq_table_khz if min_freq_khz <= f <= self.max_freq_khz)
+        self.min_share = model.slot_share(min_freq_khz)
+        self.running = 0
+        self.starts = 0  # slot starts since creation, for KPIs and telemetry
+        self.switch_ons = 0  # starts of heating from no slots at all
+        self._last_start: float = -math.inf
+        self._last_stop: float = -math.inf
+
+    def allocate(self, now: float, demand: float, limit: float = 1.0) -> Plan:
+        """The plan for ``demand``, never above ``limit`` (a safety cap on demand).
+
+        ``limit <= 0`` is an emergency: every slot stops at once, minimum on-times or not.
+        """
+        if limit <= 0:
+            self._set_running(0, now)
+            return self._plan(0.0)
+        u = min(max(demand, 0.0), limit, 1.0)
+        self._set_running(self._next_count(now, u), now)
+        return self._plan(u * self.n_max)
+
+    # -- coarse lever -----------------------------------------------------------------------
+    def _next_count(self, now: float, u: float) -> int:
+        n, cfg = self.running, self.cfg
+        wanted = u * self.n_max  # slots' worth of full-speed power
+        may_start = now - self._last_stop >= cfg.min_off_s
+        may_stop = now - self._last_start >= cfg.min_on_s
+        if n == 0:
+            if u >= cfg.start_demand and may_start:
+                return max(1, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
+            return 0
+        if u < cfg.stop_demand:
+            return 0 if may_stop else n
+        needed = math.ceil(wanted - 1e-9)  # below this the running slots cannot make the heat
+        up = max(needed, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
+        if up > n and may_start:
+            return up
+        down = max(needed, 1, self._efficient(wanted * (1 + cfg.slot_hysteresis)))
+        if down < n and may_stop:
+            return down
+        return n
+
+    def _efficient(self, wanted: float) -> int:
+        """How many slots can share ``wanted`` while each stays at or above the lowest frequency."""
+        return min(self.n_max, max(0, math.floor(wanted / self.min_share + 1e-9)))
+
+    def _set_running(self, n: int, now: float) -> None:
+        if n > self.running:
+            self.switch_ons += self.running == 0
+            self.starts += n - self.running
+            self._last_start = now
+        elif n < self.running:
+            self._last_stop = now
+        self.running = n
+
+    # -- fine levers ------------------------------------------------------------------------
+    def _plan(self, wanted: float) -> Plan:
+        n = self.running
+        if n == 0:
+            return Plan(0, self.min_freq_khz, self.cfg.min_quota)
+        share = min(1.0, wanted / n)  # each slot's share of its full-speed power
+        if share <= self.min_share:
+            quota = max(self.cfg.min_quota, share / self.min_share)
+            return Plan(n, self.min_freq_khz, round(quota, 4))
+        freq = self.max_freq_khz * share ** (1.0 / self.model.freq_exponent)
+        if self.table:
+            # the kernel resolves a cap down to a table entry: ask for the entry at or above the
+            # need and trim the rest with the quota, so the power is still exactly what we want
+            i = bisect.bisect_left(self.table, math.ceil(freq - 1e-6))
+            freq = self.table[min(i, len(self.table) - 1)]
+        freq_khz = min(self.max_freq_khz, math.ceil(freq))
+        quota = min(1.0, share / self.model.slot_share(freq_khz))
+        return Plan(n, freq_khz, round(max(self.cfg.min_quota, quota), 4))
+
+    def export_state(self) -> dict[str, float]:
+        return {"running": float(self.running)}

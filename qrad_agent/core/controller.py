@@ -1,0 +1,81 @@
+"""One control decision: thermostat -> PID -> allocator. Pure; the agent feeds it.
+
+Every controller (this one, and the baselines the simulator compares it to) has the same
+``decide`` signature, so the agent and the simulator can swap them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from qrad_agent.config import AgentConfig
+from qrad_agent.core.allocator import Allocator
+from qrad_agent.core.fusion import RoomEstimate
+from qrad_agent.core.models import Mode, Plan
+from qrad_agent.core.pid import PID
+from qrad_agent.core.thermostat import Thermostat
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    target_c: float | None
+    reason: str  # why this target: comfort, eco, preheat, window, off, no-sensor, …
+    comfort_now: bool
+    demand: float
+    plan: Plan
+
+
+class Controller(Protocol):
+    name: str
+    allocator: Allocator
+
+    def decide(
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+    ) -> Decision: ...
+
+
+class HeatingController:
+    """The agent's own controller."""
+
+    name = "agent"
+
+    def __init__(self, cfg: AgentConfig, allocator: Allocator) -> None:
+        self.cfg = cfg
+        self.allocator = allocator
+        self.thermostat = Thermostat(cfg.thermostat)
+        g = cfg.pid
+        self.pid = PID(g.kp, g.ki, g.kd, g.d_filter_s)
+        self.demand = 0.0
+        self._dynamic_w = allocator.n_max * allocator.model.slot_w
+
+    def set_mode(self, mode: Mode, now: float) -> None:
+        self.thermostat.set_mode(mode, now)
+
+    def decide(
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+    ) -> Decision:
+        th = self.thermostat.update(now, local, room.temperature_c, self.demand)
+        if th.target_c is None or room.temperature_c is None:
+            # No target (mode off) or no healthy room sensor: no heat. The safety supervisor
+            # decides about holds and frost protection on top of this.
+            self.pid.disengage()
+            self.demand = 0.0
+            reason = th.reason if room.temperature_c is not None else "no-room-sensor"
+        else:
+            ff = 0.0
+            if outdoor_c is not None and self.cfg.pid.feedforward_w_per_k > 0:
+                gap = max(0.0, th.target_c - outdoor_c)
+                ff = self.cfg.pid.feedforward_w_per_k * gap / self._dynamic_w
+            self.demand = self.pid.update(now, th.target_c, room.temperature_c, ff)
+            reason = th.reason
+        plan = self.allocator.allocate(now, self.demand)
+        return Decision(th.target_c, reason, th.comfort_now, self.demand, plan)
+
+    def export_state(self) -> dict[str, dict[str, float]]:
+        return {"pid": self.pid.export_state(), "thermostat": self.thermostat.export_state()}
+
+    def import_state(self, state: dict[str, dict[str, float]]) -> None:
+        self.pid.import_state(state.get("pid", {}))
+        self.thermostat.import_state(state.get("thermostat", {}))

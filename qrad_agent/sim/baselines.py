@@ -1,0 +1,85 @@
+"""Controllers the agent is measured against in ``qrad-agent simulate`` and the benchmark.
+
+- ``bangbang``: an on/off thermostat with ±0.3 K hysteresis around the scheduled setpoint
+  (the defaults of Home Assistant's generic_thermostat), switching the whole radiator.
+- ``simple-pid``: the ``simple-pid`` package with the agent's own gains, through the agent's
+  allocator, without optimal start.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from qrad_agent.config import AgentConfig
+from qrad_agent.core.allocator import Allocator
+from qrad_agent.core.controller import Decision
+from qrad_agent.core.fusion import RoomEstimate
+from qrad_agent.core.models import Plan
+from qrad_agent.core.schedule import WeeklySchedule
+
+
+class BangBang:
+    name = "bangbang"
+
+    def __init__(self, cfg: AgentConfig, allocator: Allocator, hysteresis_k: float = 0.3) -> None:
+        self.allocator = allocator  # only for its geometry: bang-bang switches every slot at once
+        self.schedule = WeeklySchedule(cfg.thermostat.schedule)
+        self.comfort_c, self.eco_c = cfg.thermostat.comfort_c, cfg.thermostat.eco_c
+        self.hysteresis_k = hysteresis_k
+        self.on = False
+        self.switches = 0  # switch-ons: the relay clicks a bang-bang thermostat makes
+
+    def decide(
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+    ) -> Decision:
+        comfort = self.schedule.is_comfort(local)
+        target = self.comfort_c if comfort else self.eco_c
+        t = room.temperature_c
+        if t is None:
+            self.on = False
+        elif t <= target - self.hysteresis_k and not self.on:
+            self.on = True
+            self.switches += 1
+        elif t >= target + self.hysteresis_k:
+            self.on = False
+        a = self.allocator
+        plan = Plan(a.n_max, a.max_freq_khz, 1.0) if self.on else Plan(0, a.min_freq_khz, 1.0)
+        if self.on and a.running == 0:
+            a.starts += a.n_max
+        a.running = plan.slots
+        return Decision(target, "comfort" if comfort else "eco", comfort, float(self.on), plan)
+
+
+class SimplePid:
+    name = "simple-pid"
+
+    def __init__(self, cfg: AgentConfig, allocator: Allocator) -> None:
+        from simple_pid import PID as SimplePID  # an optional dependency, for comparison only
+
+        from qrad_agent.core.thermostat import Thermostat
+
+        th_cfg = cfg.thermostat.model_copy(
+            update={"optimal_start": cfg.thermostat.optimal_start.model_copy(
+                update={"enabled": False})}
+        )
+        self.thermostat = Thermostat(th_cfg)
+        self.allocator = allocator
+        g = cfg.pid
+        self.pid = SimplePID(g.kp, g.ki, g.kd, output_limits=(0.0, 1.0), sample_time=None)
+        self._last: float | None = None
+        self.demand = 0.0
+
+    def decide(
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+    ) -> Decision:
+        th = self.thermostat.update(now, local, room.temperature_c, self.demand)
+        dt = 0.0 if self._last is None else now - self._last
+        self._last = now
+        if th.target_c is None or room.temperature_c is None:
+            self.demand = 0.0
+        else:
+            self.pid.setpoint = th.target_c
+            out = self.pid(room.temperature_c, dt=dt if dt > 0 else 1e-6)
+            self.demand = float(out) if out is not None else 0.0
+        plan = self.allocator.allocate(now, self.demand)
+        return Decision(th.target_c, th.reason, th.comfort_now, self.demand, plan)

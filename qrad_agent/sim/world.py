@@ -1,0 +1,131 @@
+"""The simulated radiator and its room: the world the agent's real code runs against.
+
+The room temperature reaches the agent through register-level chip emulators on an emulated
+I2C bus; the frequency cap goes into an emulated cpufreq sysfs tree that clamps like the
+kernel; slots and quota are simulated levers. Each step the radiator's electrical power is
+computed from what the levers actually took (read back, as the kernel resolved it), and all
+of it becomes heat in the room.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from qrad_agent.config import AgentConfig, SensorConfig
+from qrad_agent.core.models import Role
+from qrad_agent.core.power import PowerModel
+from qrad_agent.sim.chips import emulator_for
+from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
+from qrad_agent.sim.cpufreq import EmulatedCpufreqSysfs, make_cpufreq_tree
+from qrad_agent.sim.levers import SimQuotaLever, SimSlotsLever
+from qrad_agent.sim.room import Room2R2C
+from qrad_agent.sim.scenario import Scenario
+from qrad_agent.sim.weather import Weather
+
+
+def config_for_scenario(cfg: AgentConfig, scenario: Scenario) -> AgentConfig:
+    """The agent config with the scenario's setpoints, schedule and radiator geometry."""
+    r = scenario.radiator
+    return cfg.model_copy(
+        update={
+            "thermostat": cfg.thermostat.model_copy(
+                update={
+                    "comfort_c": scenario.comfort_c,
+                    "eco_c": scenario.eco_c,
+                    "schedule": scenario.schedule,
+                }
+            ),
+            "power_model": cfg.power_model.model_copy(
+                update={"idle_w": r.idle_w, "slot_w": r.slot_w, "freq_exponent": r.freq_exponent}
+            ),
+            "allocator": cfg.allocator.model_copy(update={"slots": r.cores}),
+            "sim": cfg.sim.model_copy(
+                update={
+                    "cores": r.cores,
+                    "min_freq_khz": r.min_freq_khz,
+                    "max_freq_khz": r.max_freq_khz,
+                    "freq_step_khz": r.freq_step_khz,
+                }
+            ),
+        }
+    )
+
+
+class SimWorld:
+    def __init__(self, cfg: AgentConfig, scenario: Scenario, workdir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.scenario = scenario
+        self.t = 0.0  # seconds since the scenario's start
+        # time drivers spent waiting for conversions (their injected sleep): chips see it, the
+        # room does not, so a poll costs the simulated room nothing
+        self.io_time = 0.0
+        self._rng = random.Random(scenario.seed)
+        start_c = scenario.room.initial_c if scenario.room.initial_c is not None else scenario.eco_c
+        self.room = Room2R2C(scenario.room, start_c)
+        base = scenario.source_path.parent if scenario.source_path else None
+        self.weather = Weather(scenario.weather, scenario.start, scenario.seed, base)
+        self.outdoor_c = self.weather.outdoor_c(0.0)
+        r = scenario.radiator
+        self.model = PowerModel(r.idle_w, r.slot_w, r.freq_exponent, r.max_freq_khz)
+        self.bus = EmulatedBus()
+        self.chips: dict[str, tuple[SensorConfig, EmulatedChip]] = {}
+        for s in cfg.sensors:
+            chip = emulator_for(s.kind, clock=self.clock)
+            address = s.address if s.address is not None else chip_default_address(s.kind)
+            self.bus.attach(address, chip)
+            self.chips[s.name] = (s, chip)
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="qrad-sim-")
+        root = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        steps = range(r.min_freq_khz, r.max_freq_khz + 1, r.freq_step_khz)
+        self.sysfs: EmulatedCpufreqSysfs = make_cpufreq_tree(
+            root / "sys", cpus=r.cores, min_khz=r.min_freq_khz, max_khz=r.max_freq_khz,
+            available_khz=list(steps),
+        )
+        self.slots = SimSlotsLever(r.cores)
+        self.quota = SimQuotaLever()
+        self.power_w = self.model.idle_w
+        self.energy_wh = 0.0
+        self._sense()
+
+    def clock(self) -> float:
+        return self.t + self.io_time
+
+    def local_time(self) -> datetime:
+        return self.scenario.local_time(self.t)
+
+    def step(self, dt: float) -> None:
+        """Advance the world by ``dt`` seconds with the levers as they are now."""
+        self.power_w = self.model.watts_of(
+            self.slots.running, self.sysfs.effective_max_khz(), self.quota.quota
+        )
+        self.outdoor_c = self.weather.outdoor_c(self.t)
+        self.room.step(
+            dt,
+            self.power_w,
+            self.outdoor_c,
+            self.scenario.window_open(self.t),
+            self.scenario.gains_w(self.t),
+        )
+        self.energy_wh += self.power_w * dt / 3600.0
+        self.t += dt
+        self._sense()
+
+    def _sense(self) -> None:
+        noise = self.cfg.sim.sensor_noise_k
+        for s, chip in self.chips.values():
+            value = self.room.air_c if s.role is Role.ROOM else self.room.air_c + 5.0
+            chip.temperature_c = value + (self._rng.gauss(0.0, noise) if noise else 0.0)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def chip_default_address(kind: str) -> int:
+    from qrad_agent.sensors import REGISTRY
+
+    return REGISTRY[kind].addresses[0]
