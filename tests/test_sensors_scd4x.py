@@ -290,7 +290,7 @@ def test_a_power_cycled_sensor_is_started_again():
     r.bus.attach(0x62, fresh)
     r.wait(0.1)
     polls = 0
-    while not fresh.measuring:
+    while not fresh.measuring and polls <= 10 * RESTART_AFTER_NOT_READY:
         with pytest.raises(NotReady):
             r.sensor.read()
         r.wait(0.5)
@@ -317,3 +317,18 @@ def test_zero_ppm_is_not_a_measurement():
     bus.attach(0x62, Placeholder())
     with pytest.raises(NotReady, match="0 ppm"):
         SCD4x(bus, sleep=lambda s: None).read()
+
+
+def test_after_a_bus_error_the_next_read_sends_start_at_once():
+    r = rig()
+    first_sample(r)
+    fresh = SCD4xChip(clock=r.clock)  # reset: NACKs while it boots, then sits idle
+    r.bus.attach(0x62, fresh)
+    with pytest.raises(OSError):
+        r.sensor.read()
+    r.wait(0.1)
+    with pytest.raises(NotReady):
+        r.sensor.read()
+    assert fresh.measuring  # no need to wait for the not-ready limit
+    r.wait(5.0)
+    assert r.sensor.read().co2_ppm == 600.0

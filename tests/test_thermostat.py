@@ -489,7 +489,7 @@ def test_max_off_s_bounds_the_pause_and_the_drop_is_not_seen_again() -> None:
     t = t0
     while t < t0 + 1800.0 - 10:
         t += 10
-        room -= 0.001  # still falling slowly: never "closed"
+        room -= 0.01  # still falling at 1 mK/s, above a third of the 2 mK/s detection rate
         assert th.update(t, NOON, room, 0.5).window_open, t
     out = th.update(t0 + 1800.0, NOON, room, 0.5)
     assert (out.window_open, out.reason, out.target_c) == (False, "comfort", 21.0)
@@ -505,6 +505,25 @@ def test_a_rise_ends_it_early_but_not_within_two_minutes() -> None:
     assert th.update(t0 + 120, NOON, 19.95, 0.5).window_open  # only 0.15 K above the low
     out = th.update(t0 + 130, NOON, 20.0, 0.5)
     assert (out.window_open, out.reason) == (False, "comfort")
+
+
+def test_a_fall_that_slows_to_a_crawl_ends_it_without_a_rise() -> None:
+    # Cold walls in the morning: after the window closes the air keeps sinking, slowly.
+    th = make(window=WIN, mode=Mode.COMFORT)
+    t0 = open_window(th)
+    room, t = 20.2, t0
+    while t < t0 + 170:  # still open: 0.15 K a minute
+        t += 10
+        room -= 0.025
+        assert th.update(t, NOON, room, 0.5).window_open, t
+    ended_at = None
+    while t < t0 + 600:  # closed: 0.025 K a minute, well under a third of 0.12 K/min
+        t += 10
+        room -= 0.004
+        if not th.update(t, NOON, room, 0.5).window_open:
+            ended_at = t
+            break
+    assert ended_at is not None and ended_at - (t0 + 170) <= 200  # within the 3-minute span
 
 
 def test_a_new_drop_after_the_window_closed_is_detected_again() -> None:

@@ -49,6 +49,11 @@ WINDOW_SETTLE_S = 3600.0
 # Window detection.
 WINDOW_CLOSED_RISE_K = 0.2  # rise above the lowest value since detection: window closed
 WINDOW_MIN_OFF_S = 120.0  # noise must not end a detection at once
+# The fall has (nearly) stopped: over this span the room fell less than a third of what the
+# detection rate would give. In the morning the walls can be colder than the air, so a closed
+# window does not always show as a rise: the air keeps sinking, only much more slowly.
+WINDOW_CLOSED_SPAN_S = 180.0
+WINDOW_CLOSED_RATE_SHARE = 1.0 / 3.0
 
 _EPS = 1e-9  # so that a drop of exactly drop_k counts despite binary fractions
 _TARGET_TOL_K = 0.01
@@ -94,6 +99,7 @@ class Thermostat:
         # Sliding maximum of the room temperature over window.within_s: times ascending,
         # temperatures strictly descending, so the front is the maximum.
         self._history: deque[tuple[float, float]] = deque()
+        self._window_recent: deque[tuple[float, float]] = deque()
         self._window_since: float | None = None
         self._window_low = math.inf
 
@@ -270,14 +276,8 @@ class Thermostat:
             if open_for >= wcfg.max_off_s:
                 self._end_window()
             else:
-                if room_c is not None:
-                    if room_c < self._window_low:
-                        self._window_low = room_c
-                    elif (
-                        open_for >= WINDOW_MIN_OFF_S
-                        and room_c >= self._window_low + WINDOW_CLOSED_RISE_K - _EPS
-                    ):
-                        self._end_window()
+                if room_c is not None and self._window_closed(now, open_for, room_c):
+                    self._end_window()
                 if self._window_since is not None:
                     self._learn_after = now + WINDOW_SETTLE_S
                     return True
@@ -294,9 +294,27 @@ class Thermostat:
         if hist[0][1] - room_c >= wcfg.drop_k - _EPS:
             self._window_since = now
             self._window_low = room_c
+            self._window_recent.clear()
             self._learn_after = now + WINDOW_SETTLE_S
             return True
         return False
+
+    def _window_closed(self, now: float, open_for: float, room_c: float) -> bool:
+        recent = self._window_recent
+        recent.append((now, room_c))
+        while recent and recent[0][0] < now - WINDOW_CLOSED_SPAN_S:
+            recent.popleft()
+        self._window_low = min(self._window_low, room_c)
+        if open_for < WINDOW_MIN_OFF_S:
+            return False
+        if room_c >= self._window_low + WINDOW_CLOSED_RISE_K - _EPS:
+            return True
+        wcfg = self._cfg.window
+        span = now - recent[0][0]
+        if span < WINDOW_CLOSED_SPAN_S - _TARGET_TOL_K:
+            return False
+        fell = recent[0][1] - room_c
+        return fell < wcfg.drop_k / wcfg.within_s * span * WINDOW_CLOSED_RATE_SHARE
 
     def _end_window(self) -> None:
         # The history is left alone while the window is open, so it still holds the drop that

@@ -12,17 +12,20 @@ import inspect
 from collections.abc import Callable
 
 from qrad_agent.sensors.base import I2CBus, Measurement, SensorDriver, SensorError
+from qrad_agent.sensors.aht20 import AHT20
+from qrad_agent.sensors.bme280 import BME280
 from qrad_agent.sensors.htu21d import HTU21D
 from qrad_agent.sensors.lm75 import LM75, LM75A
 from qrad_agent.sensors.mcp9808 import MCP9808
 from qrad_agent.sensors.sht3x import SHT3x
+from qrad_agent.sensors.scd4x import SCD4x
 from qrad_agent.sensors.sht4x import SHT4x
 from qrad_agent.sensors.tmp102 import TMP102
 
 # kind -> driver class. Each class carries its default addresses (``addresses[0]``).
 REGISTRY: dict[str, type[SensorDriver]] = {
     cls.kind: cls
-    for cls in (TMP102, LM75, LM75A, MCP9808, SHT3x, SHT4x, HTU21D)
+    for cls in (TMP102, LM75, LM75A, MCP9808, SHT3x, SHT4x, HTU21D, AHT20, BME280, SCD4x)
 }
 
 
