@@ -11,14 +11,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from qrad_agent.sensors.base import I2CBus, Measurement, SensorDriver, SensorError
 from qrad_agent.sensors.aht20 import AHT20
+from qrad_agent.sensors.base import I2CBus, Measurement, SensorDriver, SensorError
 from qrad_agent.sensors.bme280 import BME280
 from qrad_agent.sensors.htu21d import HTU21D
 from qrad_agent.sensors.lm75 import LM75, LM75A
 from qrad_agent.sensors.mcp9808 import MCP9808
-from qrad_agent.sensors.sht3x import SHT3x
 from qrad_agent.sensors.scd4x import SCD4x
+from qrad_agent.sensors.sht3x import SHT3x
 from qrad_agent.sensors.sht4x import SHT4x
 from qrad_agent.sensors.tmp102 import TMP102
 

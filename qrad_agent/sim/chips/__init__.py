@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.chips.aht20 import AHT20Chip
 from qrad_agent.sim.chips.bme280 import BME280Chip
+from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.chips.htu21d import HTU21DChip
 from qrad_agent.sim.chips.lm75 import LM75AChip, LM75Chip
 from qrad_agent.sim.chips.mcp9808 import MCP9808Chip
