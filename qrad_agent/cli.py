@@ -130,7 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"  energy            {kpis.energy_kwh:8.2f} kWh  (mean {kpis.mean_power_w:.0f} W)")
         print(f"  rms error         {kpis.rms_error_k:8.3f} K")
         print(f"  max overshoot     {kpis.max_overshoot_k:8.2f} K")
-        print(f"  worker starts     {kpis.worker_starts:8d}   switch-ons {kpis.switches}")
+        print(f"  worker starts     {kpis.worker_starts:8d}   switches {kpis.switches}")
         print(f"  compute           {kpis.compute_core_hours:8.1f} core-hours")
         print(f"  wall time         {kpis.wall_s:8.2f} s")
         if args.plot:
@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+    except ConfigError as exc:  # also an unusable scenario file
+        print(f"{exc.source}: cannot be used", file=sys.stderr)
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return 1

@@ -43,10 +43,15 @@ class ControlConfig(Section):
 class PidConfig(Section):
     """Gains in demand units: demand 1.0 = every slot at full speed."""
 
-    kp: Annotated[float, Field(ge=0, le=10)] = 0.35  # per kelvin
-    ki: Annotated[float, Field(ge=0, le=0.1)] = 0.00012  # per kelvin-second
+    # Defaults from SIMC rules on the shipped rooms (air time constant ~75 min, ~5 K per unit
+    # of demand): integral time kp/ki ≈ 42 min. `qrad-agent tune` fits them to a real room.
+    kp: Annotated[float, Field(ge=0, le=10)] = 1.0  # per kelvin
+    ki: Annotated[float, Field(ge=0, le=0.1)] = 0.0004  # per kelvin-second
     kd: Annotated[float, Field(ge=0, le=10000)] = 0.0  # per kelvin/second
     d_filter_s: Annotated[float, Field(ge=0, le=3600)] = 120.0  # derivative low-pass time const
+    # low-pass on the room temperature the PID sees: averages a sensor's last-bit dither
+    # (0.0625 K on a TMP102) so the demand does not flap, at a lag rooms do not notice
+    input_filter_s: Annotated[float, Field(ge=0, le=900)] = 60.0
     feedforward_w_per_k: Annotated[float, Field(ge=0, le=1000)] = 0.0  # 0 = no outdoor feed-forward
 
 
@@ -149,7 +154,11 @@ class AllocatorConfig(Section):
     min_off_s: Annotated[float, Field(ge=0, le=7200)] = 600.0
     slot_hysteresis: Annotated[float, Field(ge=0, le=0.9)] = 0.3  # in slots
     start_demand: Annotated[float, Field(gt=0, le=0.5)] = 0.04  # first slot starts above this
-    stop_demand: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # last slot stops below this
+    stop_demand: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # slots pause below this …
+    # … and stop after this long a pause: an airing, a sunny afternoon or a warm evening only
+    # pause the work (a frozen worker costs memory, not heat); a night off or a warm spell
+    # stops it. Jobs themselves are returned to the fleet on their own grace period.
+    stop_after_s: Annotated[float, Field(ge=0, le=86400)] = 6 * 3600.0
     min_quota: Annotated[float, Field(gt=0, le=1)] = 0.05
 
     @model_validator(mode="after")
@@ -170,21 +179,124 @@ class PowerModelConfig(Section):
     freq_exponent: Annotated[float, Field(ge=0.5, le=3)] = 1.5
 
 
+class SensorHealthConfig(Section):
+    """How a sensor's readings are judged (``sensors/health.py``). The defaults suit room
+    sensors polled every few seconds; every threshold can be set per sensor in
+    ``[sensors.health]`` under its ``[[sensors]]`` entry."""
+
+    # extra attempts within one poll after an I2C error (NACK, timeout, remote I/O)
+    retries: Annotated[int, Field(ge=0, le=5)] = 2
+    # fastest believable temperature change; unset = by role (room 2, intake 5, exhaust 30,
+    # board none: a CPU can swing tens of kelvin in a second); 0 = no rate check
+    max_rate_k_per_min: Annotated[float, Field(ge=0, le=600)] | None = None
+    # allowance on top of the rate for noise and resolution: one LM75 count is 0.5 K
+    rate_margin_k: Annotated[float, Field(ge=0, le=10)] = 0.6
+    # a new level that holds steady this long after a too-fast change is a real step (the
+    # sensor was moved, a door stays open) and is accepted; shorter excursions are refused
+    step_confirm_s: Annotated[float, Field(ge=10, le=3600)] = 60.0
+    # identical raw value this long on a chip that normally dithers = stuck
+    stuck_after_s: Annotated[float, Field(ge=10, le=7 * 86400)] = 900.0
+    # a chip with no new measurement yet (SCD4x between its 5 s samples, a DS18B20 that did
+    # not convert) stands in with its last good value for at most this long
+    hold_last_good_s: Annotated[float, Field(ge=0, le=3600)] = 15.0
+
+
+SYSFS_SENSOR_KINDS = ("ds18b20", "board")
+_W1_ID = re.compile(r"^28-[0-9a-f]{12}$")
+
+
 class SensorConfig(Section):
+    """One sensor. I2C kinds take ``bus`` and ``address``; ``ds18b20`` takes ``device`` (its
+    w1 id); ``board`` is the hottest CPU temperature from hwmon/thermal zones. The last two are
+    read from the sysfs mounted at ``sysfs_root``."""
+
     name: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")]
     kind: str
     bus: Annotated[int, Field(ge=0, le=255)] = 1
     address: Annotated[int, Field(ge=0x03, le=0x77)] | None = None
+    device: str | None = None
     role: Role = Role.ROOM
+    sysfs_root: Path = Path("/sys")
+    health: SensorHealthConfig = Field(default_factory=SensorHealthConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _board_role(cls, data: Any) -> Any:
+        # a board sensor is the board's temperature unless the config says otherwise (and is
+        # then refused below, naming the conflict); set here so the default reads right
+        if isinstance(data, dict) and data.get("kind") == "board" and "role" not in data:
+            return {**data, "role": Role.BOARD.value}
+        return data
 
     @field_validator("kind")
     @classmethod
     def _known(cls, v: str) -> str:
         from qrad_agent.sensors import REGISTRY
 
-        if v not in REGISTRY:
-            raise ValueError(f"unknown sensor kind {v!r}; allowed: {', '.join(sorted(REGISTRY))}")
+        if v not in REGISTRY and v not in SYSFS_SENSOR_KINDS:
+            allowed = ", ".join(sorted([*REGISTRY, *SYSFS_SENSOR_KINDS]))
+            raise ValueError(f"unknown sensor kind {v!r}; allowed: {allowed}")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _w1_id(cls, v: str | None) -> str | None:
+        if v is not None and not _W1_ID.match(v):
+            raise ValueError(
+                "not a DS18B20 id; use its directory name under /sys/bus/w1/devices: 28-, "
+                "then 12 lowercase hex digits (e.g. 28-0316a2790eff)"
+            )
+        return v
+
+    @field_validator("sysfs_root")
+    @classmethod
+    def _sysfs_mount(cls, v: Path) -> Path:
+        # drivers address sysfs files as sys/class/..., sys/bus/... under the mount's parent
+        if v.name != "sys":
+            raise ValueError(
+                "must be the directory where sysfs is mounted, a path ending in /sys "
+                "(normally /sys; for a test tree <dir>/sys)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SensorConfig:
+        def refuse(keys: set[str], why: str) -> None:
+            keys &= self.model_fields_set
+            if keys:
+                names = " and ".join(sorted(keys))
+                verb, pronoun = ("does", "it") if len(keys) == 1 else ("do", "them")
+                raise ValueError(
+                    f"{names} {verb} not apply to kind {self.kind!r} ({why}); remove {pronoun}"
+                )
+
+        if self.kind == "ds18b20":
+            refuse({"bus", "address"}, "a 1-Wire sensor, found by its device id")
+        elif self.kind == "board":
+            refuse({"bus", "address", "device"}, "read from hwmon and thermal zones in sysfs")
+        else:
+            refuse({"device"}, "an I2C sensor; device is the w1 id of a ds18b20")
+            refuse({"sysfs_root"}, "an I2C sensor; sysfs_root is for kinds ds18b20 and board")
+        if self.kind == "ds18b20" and self.device is None:
+            raise ValueError(
+                "device is required for kind 'ds18b20': the sensor's w1 id such as "
+                "28-0316a2790eff (`ls /sys/bus/w1/devices` lists them)"
+            )
+        if self.kind == "board" and self.role is not Role.BOARD:
+            raise ValueError(
+                f"role {self.role.value!r} is not allowed for kind 'board', the CPU "
+                f"temperature: use role 'board' (or leave role out)"
+            )
+        if self.kind not in SYSFS_SENSOR_KINDS and self.address is not None:
+            from qrad_agent.sensors import REGISTRY
+
+            allowed = REGISTRY[self.kind].addresses
+            if self.address not in allowed:
+                raise ValueError(
+                    f"address 0x{self.address:02x} is not one a {self.kind} can be strapped "
+                    f"to; allowed for {self.kind}: {', '.join(f'0x{a:02x}' for a in allowed)}"
+                )
+        return self
 
 
 class CpufreqConfig(Section):

@@ -44,22 +44,41 @@ def test_monotonic_in_demand_from_any_state(history: list[float], u1: float, u2:
 
 
 def test_minimum_off_time_delays_restart() -> None:
-    a = make(min_on_s=0, min_off_s=600)
+    a = make(min_on_s=0, min_off_s=600, stop_after_s=0)
     assert a.allocate(0.0, 0.5).slots == 4
     assert a.allocate(10.0, 0.0).slots == 0
     assert a.allocate(20.0, 0.5).slots == 0  # off for only 10 s
     assert a.allocate(609.0, 0.5).slots == 0
     assert a.allocate(610.0, 0.5).slots == 4
-    assert a.starts == 8 and a.switch_ons == 2
+    assert a.starts == 8 and a.switches == 3  # on, off, on
 
 
-def test_minimum_on_time_delays_stop_but_quota_still_cuts_power() -> None:
-    a = make(min_on_s=600, min_off_s=0)
+def test_no_heat_wanted_pauses_slots_then_stops_them() -> None:
+    a = make(min_on_s=0, min_off_s=0, stop_after_s=1800)
     a.allocate(0.0, 0.5)
     plan = a.allocate(10.0, 0.0)
-    assert plan.slots == 4  # may not stop yet …
-    assert MODEL.watts(plan) <= 20 + 4 * 120 * MODEL.slot_share(800_000) * 0.05 + 1e-6  # … idles
-    assert a.allocate(600.0, 0.0).slots == 0
+    assert (plan.slots, plan.quota) == (4, 0.0)  # frozen: no dynamic power, work kept
+    assert MODEL.watts(plan) == pytest.approx(20.0)
+    assert a.allocate(1800.0, 0.0).quota == 0.0
+    assert a.allocate(1810.0, 0.0).slots == 0  # 30 min without demand: stopped
+
+
+def test_resuming_a_pause_is_not_a_start() -> None:
+    a = make(min_on_s=0, min_off_s=0, stop_after_s=1800)
+    a.allocate(0.0, 0.5)
+    a.allocate(10.0, 0.0)  # a window airing: paused …
+    assert a.allocate(20.0, 0.02).quota == 0.0  # … below start_demand it stays paused
+    plan = a.allocate(600.0, 0.5)  # … and after it the same slots go on
+    assert plan.slots == 4 and plan.quota > 0
+    assert a.starts == 4 and a.switches == 1
+
+
+def test_minimum_on_time_delays_stop_but_pause_still_cuts_power() -> None:
+    a = make(min_on_s=3600, min_off_s=0, stop_after_s=0)
+    a.allocate(0.0, 0.5)
+    plan = a.allocate(10.0, 0.0)
+    assert plan.slots == 4 and MODEL.watts(plan) == pytest.approx(20.0)  # paused, not stopped
+    assert a.allocate(3600.0, 0.0).slots == 0
 
 
 def test_hysteresis_keeps_slot_count_steady_under_small_wobbles() -> None:
@@ -72,10 +91,10 @@ def test_hysteresis_keeps_slot_count_steady_under_small_wobbles() -> None:
 
 
 def test_first_slot_has_start_and_stop_thresholds() -> None:
-    a = make(min_on_s=0, min_off_s=0, start_demand=0.04, stop_demand=0.01)
+    a = make(min_on_s=0, min_off_s=0, start_demand=0.04, stop_demand=0.01, stop_after_s=0)
     assert a.allocate(0.0, 0.03).slots == 0
     assert a.allocate(10.0, 0.05).slots >= 1
-    assert a.allocate(20.0, 0.02).slots >= 1  # between the thresholds: keep running
+    assert a.allocate(20.0, 0.02).quota > 0  # between the thresholds: keep running
     assert a.allocate(30.0, 0.005).slots == 0
 
 

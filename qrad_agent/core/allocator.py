@@ -13,6 +13,10 @@ worth at full speed. Two kinds of lever share the work:
 For a given heat, many slots at a low frequency compute more than few slots at a high one
 (dynamic power grows faster than frequency), so the allocator runs as many slots as can each
 be kept at or above the lowest frequency, and throttles with the quota only below that.
+
+When no heat is wanted the slots are first paused (quota 0: frozen, SIGSTOPped), and stopped
+only after ``stop_after_s`` of continued zero demand: a window airing or an hour of sun must
+not kill and restart the work that makes the heat.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ class Allocator:
         self.min_share = model.slot_share(min_freq_khz)
         self.running = 0
         self.starts = 0  # slot starts since creation, for KPIs and telemetry
-        self.switch_ons = 0  # starts of heating from no slots at all
+        self.switches = 0  # on/off switches: no slots -> some slots and back
         self._last_start: float = -math.inf
         self._last_stop: float = -math.inf
+        self.paused_since: float | None = None  # slots frozen since then (no heat wanted)
 
     def allocate(self, now: float, demand: float, limit: float = 1.0) -> Plan:
         """The plan for ``demand``, never above ``limit`` (a safety cap on demand).
@@ -56,31 +61,50 @@ class Allocator:
         ``limit <= 0`` is an emergency: every slot stops at once, minimum on-times or not.
         """
         if limit <= 0:
+            self.paused_since = None
             self._set_running(0, now)
             return self._plan(0.0)
         u = min(max(demand, 0.0), limit, 1.0)
+        if self._paused(now, u):
+            return Plan(self.running, self.min_freq_khz, 0.0)
         self._set_running(self._next_count(now, u), now)
         return self._plan(u * self.n_max)
+
+    def _paused(self, now: float, u: float) -> bool:
+        """Pause running slots while no heat is wanted; stop them once the pause is long."""
+        cfg = self.cfg
+        if self.running == 0:
+            self.paused_since = None
+            return False
+        if self.paused_since is None:
+            if u >= cfg.stop_demand:
+                return False
+            self.paused_since = now
+        if u >= cfg.start_demand:
+            self.paused_since = None  # resume: not a start, the slots never stopped
+            return False
+        if now - self.paused_since >= cfg.stop_after_s and now - self._last_start >= cfg.min_on_s:
+            self.paused_since = None
+            self._set_running(0, now)
+            return False
+        return True
 
     # -- coarse lever -----------------------------------------------------------------------
     def _next_count(self, now: float, u: float) -> int:
         n, cfg = self.running, self.cfg
         wanted = u * self.n_max  # slots' worth of full-speed power
         may_start = now - self._last_stop >= cfg.min_off_s
-        may_stop = now - self._last_start >= cfg.min_on_s
         if n == 0:
             if u >= cfg.start_demand and may_start:
                 return max(1, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
             return 0
-        if u < cfg.stop_demand:
-            return 0 if may_stop else n
         needed = math.ceil(wanted - 1e-9)  # below this the running slots cannot make the heat
         up = max(needed, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
         if up > n and may_start:
             return up
-        down = max(needed, 1, self._efficient(wanted * (1 + cfg.slot_hysteresis)))
-        if down < n and may_stop:
-            return down
+        # No step down while heat is wanted: n slots throttled by the quota at the lowest
+        # frequency compute exactly as much per watt as fewer slots would, and every stop is a
+        # job paused or returned. Slots go only through a pause (no heat wanted) to a stop.
         return n
 
     def _efficient(self, wanted: float) -> int:
@@ -89,10 +113,11 @@ class Allocator:
 
     def _set_running(self, n: int, now: float) -> None:
         if n > self.running:
-            self.switch_ons += self.running == 0
+            self.switches += self.running == 0
             self.starts += n - self.running
             self._last_start = now
         elif n < self.running:
+            self.switches += n == 0
             self._last_stop = now
         self.running = n
 

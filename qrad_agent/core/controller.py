@@ -48,6 +48,8 @@ class HeatingController:
         g = cfg.pid
         self.pid = PID(g.kp, g.ki, g.kd, g.d_filter_s)
         self.demand = 0.0
+        self._filtered: float | None = None
+        self._filtered_at = 0.0
         self._dynamic_w = allocator.n_max * allocator.model.slot_w
 
     def set_mode(self, mode: Mode, now: float) -> None:
@@ -57,7 +59,8 @@ class HeatingController:
         self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
     ) -> Decision:
         th = self.thermostat.update(now, local, room.temperature_c, self.demand)
-        if th.target_c is None or room.temperature_c is None:
+        measured = self._filter(now, room.temperature_c)
+        if th.target_c is None or measured is None:
             # No target (mode off) or no healthy room sensor: no heat. The safety supervisor
             # decides about holds and frost protection on top of this.
             self.pid.disengage()
@@ -68,10 +71,21 @@ class HeatingController:
             if outdoor_c is not None and self.cfg.pid.feedforward_w_per_k > 0:
                 gap = max(0.0, th.target_c - outdoor_c)
                 ff = self.cfg.pid.feedforward_w_per_k * gap / self._dynamic_w
-            self.demand = self.pid.update(now, th.target_c, room.temperature_c, ff)
+            self.demand = self.pid.update(now, th.target_c, measured, ff)
             reason = th.reason
         plan = self.allocator.allocate(now, self.demand)
         return Decision(th.target_c, reason, th.comfort_now, self.demand, plan)
+
+    def _filter(self, now: float, room_c: float | None) -> float | None:
+        if room_c is None:
+            self._filtered = None
+        elif self._filtered is None:
+            self._filtered = room_c
+        else:
+            dt = max(0.0, now - self._filtered_at)
+            self._filtered += dt / (self.cfg.pid.input_filter_s + dt) * (room_c - self._filtered)
+        self._filtered_at = now
+        return self._filtered
 
     def export_state(self) -> dict[str, dict[str, float]]:
         return {"pid": self.pid.export_state(), "thermostat": self.thermostat.export_state()}

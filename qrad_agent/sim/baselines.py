@@ -27,7 +27,7 @@ class BangBang:
         self.comfort_c, self.eco_c = cfg.thermostat.comfort_c, cfg.thermostat.eco_c
         self.hysteresis_k = hysteresis_k
         self.on = False
-        self.switches = 0  # switch-ons: the relay clicks a bang-bang thermostat makes
+        self.switches = 0  # on/off switches: the relay clicks of a bang-bang thermostat
 
     def decide(
         self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
@@ -36,12 +36,14 @@ class BangBang:
         target = self.comfort_c if comfort else self.eco_c
         t = room.temperature_c
         if t is None:
+            self.switches += self.on
             self.on = False
         elif t <= target - self.hysteresis_k and not self.on:
             self.on = True
             self.switches += 1
-        elif t >= target + self.hysteresis_k:
+        elif t >= target + self.hysteresis_k and self.on:
             self.on = False
+            self.switches += 1
         a = self.allocator
         plan = Plan(a.n_max, a.max_freq_khz, 1.0) if self.on else Plan(0, a.min_freq_khz, 1.0)
         if self.on and a.running == 0:

@@ -7,13 +7,16 @@ Runs as fast as the machine allows and scores the run. KPI definitions (docs/sim
 - ``discomfort_kh``: the true air temperature's distance outside the comfort band, integrated
   over time, in kelvin-hours. In scheduled comfort periods the band is
   [comfort − 0.5 K, comfort + 1.0 K]; otherwise [eco − 0.5 K, comfort + 1.0 K].
-- ``rms_error_k``: RMS of air − comfort setpoint in comfort periods, leaving out the 3 h after
-  each setpoint rise (schedule or override) and the time from a window opening to 1 h after it
-  closes.
-- ``max_overshoot_k``: the largest excess of the air over the setpoint in force by the schedule
-  (comfort or eco, or an override), outside the 3 h after a setpoint fall.
-- ``worker_starts``: worker slot starts; ``switches``: switch-ons of the heater (a bang-bang
-  thermostat's relay clicks; for the other controllers, starts of heating from zero slots).
+- ``rms_error_k``: RMS of air − setpoint in comfort periods, leaving out the 3 h after each
+  setpoint rise (schedule or override), the time from a window opening to 1 h after it
+  closes, and the moments when free heat (sun, people) and the board's idle power alone would
+  hold the room at or above the setpoint: no heater can take heat back out.
+- ``max_overshoot_k``: the largest excess of the air over the highest temperature the occupant
+  asked for at that moment: the comfort setpoint, or an override above it. (Preheating ahead
+  of a comfort period is not overshoot; heat past comfort is, whoever caused it.)
+- ``worker_starts``: worker slot starts (resuming a paused slot is not a start);
+  ``switches``: on/off switches of the heater, both ways (a bang-bang thermostat's relay
+  clicks; for the other controllers, going from no slots to some and back).
 - ``compute_core_hours``: core-hours of computation at full-speed equivalence
   (slots x quota x frequency / max frequency).
 """
@@ -39,6 +42,7 @@ from qrad_agent.sim.world import SimWorld, config_for_scenario
 WARMUP_S = 86400.0
 AFTER_RISE_S = 3 * 3600.0
 AFTER_WINDOW_S = 3600.0
+AFTER_FALL_S = 3600.0  # an override ending above comfort: the room needs time to cool
 
 
 @dataclass
@@ -130,7 +134,7 @@ def simulate(
         while world.t < end:
             world.step(dt)
             t = world.t
-            local = world.local_time()
+            local = world.local
             agent.service(t, local)
             comfort = schedule.is_comfort(local)
             setpoint = comfort_c if comfort else eco_c
@@ -140,9 +144,9 @@ def simulate(
             if prev_setpoint is not None and setpoint > prev_setpoint:
                 quiet_until = max(quiet_until, t + AFTER_RISE_S)
             if prev_setpoint is not None and setpoint < prev_setpoint:
-                no_overshoot_until = max(no_overshoot_until, t + AFTER_RISE_S)
+                no_overshoot_until = max(no_overshoot_until, t + AFTER_FALL_S)
             prev_setpoint = setpoint
-            if scenario.window_open(t):
+            if world.window_open:
                 quiet_until = max(quiet_until, t + AFTER_WINDOW_S)
             air = world.room.air_c
             if t <= WARMUP_S:
@@ -152,11 +156,11 @@ def simulate(
                 hi = comfort_c + 1.0
                 gap = lo - air if air < lo else (air - hi if air > hi else 0.0)
                 k.discomfort_kh += gap * dt / 3600.0
-                if comfort and t >= quiet_until:
+                if comfort and t >= quiet_until and not free_heat_holds(world, setpoint):
                     sq_err += (air - setpoint) ** 2
                     n_err += 1
                 if t >= no_overshoot_until:
-                    k.max_overshoot_k = max(k.max_overshoot_k, air - setpoint)
+                    k.max_overshoot_k = max(k.max_overshoot_k, air - max(comfort_c, setpoint))
                 core_s += (world.slots.running * world.quota.quota
                            * world.sysfs.effective_max_khz() / fmax) * dt
             if trace is not None and t >= next_sample:
@@ -179,11 +183,17 @@ def simulate(
     k.mean_power_w = k.energy_kwh * 1000.0 / scored_h
     k.rms_error_k = math.sqrt(sq_err / n_err) if n_err else 0.0
     k.worker_starts = world.slots.starts
-    k.switches = int(getattr(agent.controller, "switches", agent.controller.allocator.switch_ons))
+    k.switches = int(getattr(agent.controller, "switches", agent.controller.allocator.switches))
     k.compute_core_hours = core_s / 3600.0
     k.sim_days = world.t / 86400.0
     k.wall_s = time.perf_counter() - started
     return k
+
+
+def free_heat_holds(world: SimWorld, setpoint: float) -> bool:
+    """Would the sun, people and the idle board alone keep the room at ``setpoint``?"""
+    needed = world.room.steady_state_power_w(setpoint, world.outdoor_c)
+    return world.scenario.gains_w(world.t) + world.model.idle_w >= needed
 
 
 def room_sensor_names(cfg: AgentConfig) -> list[str]:

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 import qrad_agent
-from qrad_agent.config import ComfortPeriod, describe_errors, parse_days
+from qrad_agent.config import ComfortPeriod, ConfigError, describe_errors, parse_days
 from qrad_agent.sim.room import Room2R2C, RoomParams
 from qrad_agent.sim.weather import Weather, WeatherParams
 
@@ -277,13 +277,8 @@ class Scenario(_Strict):
         return Weather(self.weather, self.start, self.seed, base)
 
 
-class ScenarioError(Exception):
+class ScenarioError(ConfigError):
     """A scenario that cannot be used; ``problems`` holds one line per fault, for people."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
 
 
 def _scenarios_dir() -> Path:

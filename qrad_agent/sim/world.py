@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from qrad_agent.config import AgentConfig, SensorConfig
@@ -68,6 +68,9 @@ class SimWorld:
         base = scenario.source_path.parent if scenario.source_path else None
         self.weather = Weather(scenario.weather, scenario.start, scenario.seed, base)
         self.outdoor_c = self.weather.outdoor_c(0.0)
+        self._next_weather = 60.0
+        self.window_open = False
+        self.local = scenario.start
         r = scenario.radiator
         self.model = PowerModel(r.idle_w, r.slot_w, r.freq_exponent, r.max_freq_khz)
         self.bus = EmulatedBus()
@@ -94,23 +97,24 @@ class SimWorld:
         return self.t + self.io_time
 
     def local_time(self) -> datetime:
-        return self.scenario.local_time(self.t)
+        return self.local
 
     def step(self, dt: float) -> None:
         """Advance the world by ``dt`` seconds with the levers as they are now."""
         self.power_w = self.model.watts_of(
             self.slots.running, self.sysfs.effective_max_khz(), self.quota.quota
         )
-        self.outdoor_c = self.weather.outdoor_c(self.t)
+        if self.t >= self._next_weather:
+            # the weather moves over hours: a minute's resolution costs the physics nothing
+            self.outdoor_c = self.weather.outdoor_c(self.t)
+            self._next_weather = self.t + 60.0
+        self.window_open = self.scenario.window_open(self.t)
         self.room.step(
-            dt,
-            self.power_w,
-            self.outdoor_c,
-            self.scenario.window_open(self.t),
-            self.scenario.gains_w(self.t),
+            dt, self.power_w, self.outdoor_c, self.window_open, self.scenario.gains_w(self.t)
         )
         self.energy_wh += self.power_w * dt / 3600.0
         self.t += dt
+        self.local = self.scenario.start + timedelta(seconds=self.t)
         self._sense()
 
     def _sense(self) -> None:
