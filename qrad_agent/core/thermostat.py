@@ -52,7 +52,7 @@ WINDOW_MIN_OFF_S = 120.0  # noise must not end a detection at once
 # The fall has (nearly) stopped: over this span the room fell less than a third of what the
 # detection rate would give. In the morning the walls can be colder than the air, so a closed
 # window does not always show as a rise: the air keeps sinking, only much more slowly.
-WINDOW_CLOSED_SPAN_S = 180.0
+WINDOW_CLOSED_SPAN_S = 120.0
 WINDOW_CLOSED_RATE_SHARE = 1.0 / 3.0
 
 _EPS = 1e-9  # so that a drop of exactly drop_k counts despite binary fractions

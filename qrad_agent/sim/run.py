@@ -114,7 +114,12 @@ def simulate(
     days: float | None = None,
 ) -> Kpis:
     started = time.perf_counter()
-    agent, world = build_sim_agent(cfg, scenario, controller)
+    # The controller reads only the latest poll at each tick, so polling in between changes
+    # nothing it decides: the fast simulation polls once per tick and steps the room (exactly)
+    # by a whole control period. `run --sim` polls at sensor_period_s, as a board does.
+    control = cfg.control.model_copy(update={"sensor_period_s": cfg.control.period_s})
+    agent, world = build_sim_agent(cfg.model_copy(update={"control": control}), scenario,
+                                   controller)
     acfg = agent.cfg
     comfort_c, eco_c = acfg.thermostat.comfort_c, acfg.thermostat.eco_c
     schedule = WeeklySchedule(acfg.thermostat.schedule)
