@@ -53,6 +53,8 @@ def run_realtime(
             target_t = elapsed * speed
             while world.t + step <= target_t and not stop.event.is_set():
                 world.step(step)
+                for target, duration in world.due_overrides():  # the occupant's hand
+                    agent.controller.set_override(target, world.t, duration)
                 decision = agent.service(world.t, world.local_time())
                 if decision is not None and on_decision is not None:
                     on_decision(decision)

@@ -25,9 +25,7 @@ def test_settles_within_a_stated_band_after_a_setpoint_step() -> None:
     simulate(cfg, calm(), "agent", trace)
     # day 2: the setpoint steps 18 -> 21 °C at 06:00; 3 h later the room must be within
     # ±0.2 K of 21 °C and stay there until 22:00
-    settled = [
-        air for t, air in zip(trace.t_h, trace.air_c, strict=True) if 24 + 9 <= t < 24 + 22
-    ]
+    settled = [air for t, air in zip(trace.t_h, trace.air_c, strict=True) if 24 + 9 <= t < 24 + 22]
     assert settled
     assert max(abs(a - 21.0) for a in settled) <= 0.2
     # and the night before, in eco, it held 18 °C within the same band
@@ -40,8 +38,7 @@ def test_optimal_start_reaches_comfort_on_time() -> None:
     simulate(AgentConfig(), load_scenario("winter-week"), "agent", trace, days=3.0)
     for day in (1, 2):  # after the first morning the warm-up rate has been learned
         at_six = min(
-            (abs(t - (24 * day + 6.0)), air)
-            for t, air in zip(trace.t_h, trace.air_c, strict=True)
+            (abs(t - (24 * day + 6.0)), air) for t, air in zip(trace.t_h, trace.air_c, strict=True)
         )[1]
         assert at_six >= 21.0 - 0.3, f"day {day}: {at_six:.2f} °C at 06:00"
     # without optimal start the same room is well short of comfort at 06:00
@@ -49,8 +46,9 @@ def test_optimal_start_reaches_comfort_on_time() -> None:
     cfg = AgentConfig().model_copy(deep=True)
     cfg.thermostat.optimal_start.enabled = False
     simulate(cfg, load_scenario("winter-week"), "agent", trace_late, days=2.0)
-    late = min((abs(t - 30.0), air) for t, air in zip(trace_late.t_h, trace_late.air_c,
-                                                       strict=True))[1]
+    late = min(
+        (abs(t - 30.0), air) for t, air in zip(trace_late.t_h, trace_late.air_c, strict=True)
+    )[1]
     assert late < 19.0
 
 
@@ -99,3 +97,18 @@ def test_controller_state_survives_a_restart(tmp_path: Path) -> None:
         assert again.controller.pid.integral == pytest.approx(integral)  # type: ignore[attr-defined]
     finally:
         world2.close()
+
+
+def test_scenario_override_reaches_the_agent() -> None:
+    trace = Trace()
+    simulate(AgentConfig(), load_scenario("winter-week"), "agent", trace, days=5.8)
+    # winter-week: on day 5 (Saturday) at 15:00 someone asks for 22.5 °C for three hours
+    during = [
+        a for t, a in zip(trace.t_h, trace.air_c, strict=True) if 5 * 24 + 17 <= t < 5 * 24 + 18
+    ]
+    before = [
+        a for t, a in zip(trace.t_h, trace.air_c, strict=True) if 5 * 24 + 13 <= t < 5 * 24 + 15
+    ]
+    assert during and before
+    assert min(during) >= 22.2
+    assert max(before) <= 21.3

@@ -35,6 +35,8 @@ class Controller(Protocol):
         self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
     ) -> Decision: ...
 
+    def set_override(self, target_c: float, now: float, duration_s: float) -> None: ...
+
 
 class HeatingController:
     """The agent's own controller."""
@@ -54,6 +56,9 @@ class HeatingController:
 
     def set_mode(self, mode: Mode, now: float) -> None:
         self.thermostat.set_mode(mode, now)
+
+    def set_override(self, target_c: float, now: float, duration_s: float) -> None:
+        self.thermostat.set_override(target_c, now, duration_s)
 
     def decide(
         self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None

@@ -28,12 +28,18 @@ class BangBang:
         self.hysteresis_k = hysteresis_k
         self.on = False
         self.switches = 0  # on/off switches: the relay clicks of a bang-bang thermostat
+        self._override: tuple[float, float] | None = None  # (target, until)
+
+    def set_override(self, target_c: float, now: float, duration_s: float) -> None:
+        self._override = (target_c, now + duration_s)
 
     def decide(
         self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
     ) -> Decision:
         comfort = self.schedule.is_comfort(local)
         target = self.comfort_c if comfort else self.eco_c
+        if self._override is not None and now < self._override[1]:
+            target = self._override[0]
         t = room.temperature_c
         if t is None:
             self.switches += self.on
@@ -85,3 +91,6 @@ class SimplePid:
             self.demand = float(out) if out is not None else 0.0
         plan = self.allocator.allocate(now, self.demand)
         return Decision(th.target_c, th.reason, th.comfort_now, self.demand, plan)
+
+    def set_override(self, target_c: float, now: float, duration_s: float) -> None:
+        self.thermostat.set_override(target_c, now, duration_s)

@@ -140,6 +140,8 @@ def simulate(
             world.step(dt)
             t = world.t
             local = world.local
+            for target, duration in world.due_overrides():
+                agent.controller.set_override(target, t, duration)
             agent.service(t, local)
             comfort = schedule.is_comfort(local)
             setpoint = comfort_c if comfort else eco_c

@@ -71,6 +71,7 @@ class SimWorld:
         self._next_weather = 60.0
         self.window_open = False
         self.local = scenario.start
+        self._overrides = list(scenario.override_starts())  # (t_s, target_c, duration_s)
         r = scenario.radiator
         self.model = PowerModel(r.idle_w, r.slot_w, r.freq_exponent, r.max_freq_khz)
         self.bus = EmulatedBus()
@@ -116,6 +117,14 @@ class SimWorld:
         self.t += dt
         self.local = self.scenario.start + timedelta(seconds=self.t)
         self._sense()
+
+    def due_overrides(self) -> list[tuple[float, float]]:
+        """Occupant overrides that have begun since the last call: (target_c, duration_s)."""
+        due = []
+        while self._overrides and self._overrides[0][0] <= self.t:
+            _, target, duration = self._overrides.pop(0)
+            due.append((target, duration))
+        return due
 
     def _sense(self) -> None:
         noise = self.cfg.sim.sensor_noise_k
