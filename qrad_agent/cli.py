@@ -90,7 +90,7 @@ class LiveReadout:
         line = (
             f"{self.world.local_time():%a %H:%M}  room {shown} °C"
             f"  target {target} °C ({decision.reason})  demand {decision.demand:4.0%}"
-            f"  plan {decision.plan.describe()}  {self.world.power_w:4.0f} W"
+            f"  plan {decision.plan.describe()}  {self.world.lever_power_w():4.0f} W"
             f"  outdoor {self.world.outdoor_c:5.1f} °C"
         )
         if self.tty:

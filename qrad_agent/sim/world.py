@@ -100,11 +100,15 @@ class SimWorld:
     def local_time(self) -> datetime:
         return self.local
 
-    def step(self, dt: float) -> None:
-        """Advance the world by ``dt`` seconds with the levers as they are now."""
-        self.power_w = self.model.watts_of(
+    def lever_power_w(self) -> float:
+        """What the radiator draws with the levers as they are now (as the kernel took them)."""
+        return self.model.watts_of(
             self.slots.running, self.sysfs.effective_max_khz(), self.quota.quota
         )
+
+    def step(self, dt: float) -> None:
+        """Advance the world by ``dt`` seconds with the levers as they are now."""
+        self.power_w = self.lever_power_w()
         if self.t >= self._next_weather:
             # the weather moves over hours: a minute's resolution costs the physics nothing
             self.outdoor_c = self.weather.outdoor_c(self.t)
