@@ -87,3 +87,8 @@ def test_schema_lists_sections() -> None:
         schema["properties"]
     )
     assert schema.get("additionalProperties") is False
+
+
+def test_sim_toml_is_the_embedded_default() -> None:
+    # the README promises `run --sim` without -c is the radiator configs/sim.toml describes
+    assert load_config(REPO / "configs" / "sim.toml") == AgentConfig()

@@ -56,18 +56,6 @@ class AHT20Chip(EmulatedChip):
         self.measurements = 0  # completed, for tests that count conversions
         self._latched: tuple[int, int] = (0, 0)  # (humidity raw, temperature raw)
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(
-                f"{type(self).__name__} cannot emulate fault {value!r}; allowed: {allowed} or None"
-            )
-        self._fault = value
 
     # -- wire -----------------------------------------------------------------------------
     def i2c_write(self, data: bytes) -> None:

@@ -119,18 +119,6 @@ class BME280Chip(RegisterChip):
         self._ctrl_hum_latched = 0  # ctrl_hum as of the last ctrl_meas write
         self._reset()
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(
-                f"{type(self).__name__} cannot emulate fault {value!r}; allowed: {allowed} or None"
-            )
-        self._fault = value
 
     # -- wire -----------------------------------------------------------------------------
     def i2c_write(self, data: bytes) -> None:

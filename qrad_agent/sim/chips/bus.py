@@ -14,20 +14,39 @@ from __future__ import annotations
 import ctypes
 import errno
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 I2C_M_RD = 0x0001  # the read flag in struct i2c_msg
 
 
 class EmulatedChip:
-    """Base class for chip emulators: the two transactions of the wire protocol."""
+    """Base class for chip emulators: the two transactions of the wire protocol.
+
+    ``fault`` injects a chip-level fault from the chip's ``FAULTS``; a fault a chip cannot
+    have (a CRC error on a chip without CRC, a typo) is refused, so a test cannot pass by
+    injecting nothing.
+    """
 
     address: int = 0
+    FAULTS: ClassVar[frozenset[str]] = frozenset({"stuck"})
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         # The chip's own sense of time, for conversion delays; the simulator injects its clock.
         self.clock: Callable[[], float] = clock or (lambda: 0.0)
-        self.fault: str | None = None  # chip-level fault: "bad_crc", "stuck", …
+        self._fault: str | None = None
+
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
+    @fault.setter
+    def fault(self, value: str | None) -> None:
+        if value is not None and value not in self.FAULTS:
+            raise ValueError(
+                f"{type(self).__name__} cannot emulate fault {value!r}; allowed: "
+                f"{', '.join(sorted(self.FAULTS))} (or None)"
+            )
+        self._fault = value
 
     def i2c_write(self, data: bytes) -> None:
         raise OSError(errno.EREMOTEIO, "chip does not accept writes")

@@ -60,17 +60,6 @@ class HTU21DChip(EmulatedChip):
         self._ready_at = 0.0
         self._last: dict[str, int] = {}
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(f"HTU21DChip cannot emulate fault {value!r}; "
-                             f"allowed: {allowed} (or None)")
-        self._fault = value
 
     def temperature_word(self) -> int:
         counts = round((self.temperature_c + 46.85) * 16384 / 175.72)

@@ -38,17 +38,6 @@ class LM75Chip(RegisterChip):
             0x00: b"\x00\x00", 0x01: b"\x00", 0x02: b"\x4b\x00", 0x03: b"\x50\x00",
         }
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(f"{type(self).__name__} cannot emulate fault {value!r}; "
-                             f"allowed: {allowed} (or None)")
-        self._fault = value
 
     @property
     def step_c(self) -> float:

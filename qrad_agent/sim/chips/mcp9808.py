@@ -50,17 +50,6 @@ class MCP9808Chip(RegisterChip):
             0x05: b"\x00\x00", **IDS, 0x08: b"\x03",
         }
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(f"MCP9808Chip cannot emulate fault {value!r}; "
-                             f"allowed: {allowed} (or None)")
-        self._fault = value
 
     @property
     def resolution(self) -> int:

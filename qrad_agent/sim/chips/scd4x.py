@@ -85,18 +85,6 @@ class SCD4xChip(EmulatedChip):
         self._answer_at = 0.0
         self._last_sample: list[int] | None = None
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(
-                f"{type(self).__name__} cannot emulate fault {value!r}; allowed: {allowed} or None"
-            )
-        self._fault = value
 
     @property
     def measuring(self) -> bool:

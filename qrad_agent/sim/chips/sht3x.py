@@ -53,17 +53,6 @@ class SensirionChip(EmulatedChip):
         self._ready_at = 0.0
         self._last_words: tuple[int, int] | None = None
 
-    @property
-    def fault(self) -> str | None:
-        return self._fault
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        if value is not None and value not in self.FAULTS:
-            allowed = ", ".join(sorted(self.FAULTS))
-            raise ValueError(f"{type(self).__name__} cannot emulate fault {value!r}; "
-                             f"allowed: {allowed} (or None)")
-        self._fault = value
 
     def words(self) -> tuple[int, int]:
         """The raw temperature and humidity words for the present physical state."""
