@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", metavar="FILE.png", help="draw temperatures, power and slots")
     sim.set_defaults(func=cmd_simulate)
 
+    from qrad_agent.sensors.cli import add_parser as add_sensors_parser
+
+    add_sensors_parser(sub)
+
     conf = sub.add_parser("config", help="validate a config file or print its JSON Schema")
     csub = conf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
     val = csub.add_parser("validate", help="check a config file; exit 0 if valid, 1 if not")

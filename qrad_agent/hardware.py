@@ -10,7 +10,7 @@ from qrad_agent.actuators.cpufreq import open_frequency_lever
 from qrad_agent.actuators.restore import RestoreRecord
 from qrad_agent.agent import Agent, make_allocator, make_controller
 from qrad_agent.config import AgentConfig
-from qrad_agent.sensors import open_sensor
+from qrad_agent.sensors.factory import BusPool, open_configured
 from qrad_agent.sensors.health import SensorMonitor
 from qrad_agent.sysfs import Sysfs
 
@@ -20,16 +20,12 @@ log = logging.getLogger("qrad_agent")
 def build_hardware_agent(cfg: AgentConfig) -> Agent:
     import os
 
-    from smbus2 import SMBus
-
     state_dir = Path(cfg.node.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    buses: dict[int, SMBus] = {}
-    monitors = []
-    for s in cfg.sensors:
-        if s.bus not in buses:
-            buses[s.bus] = SMBus(s.bus)
-        monitors.append(SensorMonitor(s.name, s.role, open_sensor(s.kind, buses[s.bus], s.address)))
+    bus_for = BusPool()  # a bus that cannot be opened leaves its sensors "missing"
+    monitors = [
+        SensorMonitor.from_config(s, open_configured(s, bus_for=bus_for)) for s in cfg.sensors
+    ]
     levers: list[Lever] = []
     min_khz, max_khz, table = 0, 0, []
     if cfg.actuators.cpufreq.enabled:

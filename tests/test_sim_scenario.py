@@ -124,7 +124,7 @@ def test_mild_autumn_has_low_demand_and_sunny_afternoons() -> None:
     temps = [w.outdoor_c(t * 600.0) for t in range(7 * 144)]
     assert min(temps) > 5.0 and max(temps) < 17.0
     assert room.steady_state_power_w(21.0, min(temps)) < 0.4 * sc.radiator.max_power_w
-    assert sc.gains_w(13 * H) == 350.0 and sc.gains_w(3 * H) == 0.0
+    assert sc.gains_w(13 * H) == 180.0 and sc.gains_w(3 * H) == 0.0
     assert room.air_c == 19.5  # initial_c overrides eco_c
 
 

@@ -4,6 +4,10 @@
 >>> sensor = open_sensor("tmp102", bus=smbus2.SMBus(1), address=0x48)  # doctest: +SKIP
 >>> sensor.read().temperature_c  # doctest: +SKIP
 21.5
+
+Every kind the config accepts, I2C or not (``ds18b20``, ``board``), is opened from its
+``SensorConfig`` by ``qrad_agent.sensors.factory.open_configured``; ``SensorMonitor``
+(``health.py``) judges each poll.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ REGISTRY: dict[str, type[SensorDriver]] = {
     for cls in (TMP102, LM75, LM75A, MCP9808, SHT3x, SHT4x, HTU21D, AHT20, BME280, SCD4x)
 }
 
+# kinds read from sysfs rather than a bus, and how to open one directly
+SYSFS_KINDS = {
+    "ds18b20": "qrad_agent.sensors.ds18b20.DS18B20(sysfs, device_id)",
+    "board": "qrad_agent.sensors.factory.BoardCpuTemperature(sysfs)",
+}
+
 
 def open_sensor(
     kind: str, bus: I2CBus, address: int | None = None, sleep: Callable[[float], None] | None = None
@@ -40,6 +50,11 @@ def open_sensor(
     try:
         cls = REGISTRY[kind]
     except KeyError:
+        if kind in SYSFS_KINDS:
+            raise ValueError(
+                f"{kind} is not on an I2C bus: open it with "
+                f"qrad_agent.sensors.factory.open_configured, or {SYSFS_KINDS[kind]}"
+            ) from None
         raise ValueError(f"unknown sensor kind {kind!r}; allowed: {', '.join(sorted(REGISTRY))}")\
             from None
     chosen = cls.addresses[0] if address is None else address
@@ -51,4 +66,7 @@ def open_sensor(
     return cls(bus, chosen)  # type: ignore[call-arg]
 
 
-__all__ = ["REGISTRY", "I2CBus", "Measurement", "SensorDriver", "SensorError", "open_sensor"]
+__all__ = [
+    "REGISTRY", "SYSFS_KINDS", "I2CBus", "Measurement", "SensorDriver", "SensorError",
+    "open_sensor",
+]

@@ -7,12 +7,9 @@ never does is not treated as an AHT20.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable
 from typing import ClassVar
-
-from smbus2 import i2c_msg
 
 from qrad_agent.sensors.base import (
     CrcError,
@@ -20,6 +17,8 @@ from qrad_agent.sensors.base import (
     Measurement,
     NotReady,
     WrongChip,
+    i2c_read,
+    i2c_write,
     sensirion_crc8,
 )
 
@@ -115,9 +114,7 @@ class AHT20:
         return status
 
     def _write(self, data: bytes) -> None:
-        self.bus.i2c_rdwr(i2c_msg.write(self.address, data))
+        i2c_write(self.bus, self.address, data)
 
     def _read(self, length: int) -> bytes:
-        msg = i2c_msg.read(self.address, length)
-        self.bus.i2c_rdwr(msg)
-        return ctypes.string_at(msg.buf, length)
+        return i2c_read(self.bus, self.address, length)

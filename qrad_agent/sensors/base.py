@@ -9,8 +9,12 @@ same treatment.
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
+
+from smbus2 import i2c_msg
 
 from qrad_agent.core.models import Quality
 
@@ -108,3 +112,66 @@ def swap16(word: int) -> int:
 
 def int16(value: int) -> int:
     return value - 0x10000 if value & 0x8000 else value
+
+
+# -- raw transfers for command-driven chips (SHT3x, SHT4x, HTU21D, AHT20, SCD4x) ------------
+# These chips have no register pointer: the host writes a command and later reads an answer,
+# each as its own I2C transfer. SMBus block calls would put a register byte in front, so the
+# transfers go through ``i2c_rdwr``.
+
+
+def i2c_write(bus: I2CBus, address: int, data: bytes) -> None:
+    """One write transfer of ``data`` (a command and its arguments)."""
+    bus.i2c_rdwr(i2c_msg.write(address, data))
+
+
+def i2c_read(bus: I2CBus, address: int, length: int) -> bytes:
+    """One read transfer of ``length`` bytes."""
+    msg = i2c_msg.read(address, length)
+    bus.i2c_rdwr(msg)
+    return ctypes.string_at(msg.buf, length)
+
+
+def command_read(
+    bus: I2CBus, address: int, command: bytes, length: int, wait_s: float,
+    sleep: Callable[[float], None],
+) -> bytes:
+    """Write ``command``, sleep ``wait_s``, read ``length`` bytes, as two I2C transfers.
+
+    A NACK or timeout surfaces as the bus's ``OSError``: the caller cannot tell "still busy"
+    from "gone", and the health monitor classifies both as io_error.
+    """
+    i2c_write(bus, address, command)
+    if wait_s > 0:
+        sleep(wait_s)
+    return i2c_read(bus, address, length)
+
+
+def checked_words(data: bytes, what: str, init: int = 0xFF) -> list[int]:
+    """Split ``data`` into (msb, lsb, crc) triples and return the 16-bit words.
+
+    Raises ``CrcError`` naming the triple, the CRC the bytes call for and the one received.
+    """
+    if len(data) % 3:
+        raise ValueError(f"{what}: {len(data)} bytes is not a whole number of word+CRC triples")
+    words = []
+    for i in range(0, len(data), 3):
+        msb, lsb, crc = data[i], data[i + 1], data[i + 2]
+        expected = sensirion_crc8([msb, lsb], init)
+        if crc != expected:
+            raise CrcError(
+                f"{what}: bytes 0x{msb:02X} 0x{lsb:02X} need CRC 0x{expected:02X}, "
+                f"chip sent 0x{crc:02X}"
+            )
+        words.append(msb << 8 | lsb)
+    return words
+
+
+def reject_blank(data: bytes, what: str, expected: str) -> None:
+    """All-0x00 or all-0xFF is what a device that does not implement the command puts on the
+    wire (nobody drives SDA, or the wrong chip holds it low), not a corrupted frame."""
+    if data in (b"\x00" * len(data), b"\xff" * len(data)):
+        raise WrongChip(
+            f"{what}: expected {expected}, found {data.hex(' ').upper()} "
+            "(the device does not answer this command)"
+        )

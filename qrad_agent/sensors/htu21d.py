@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from qrad_agent.sensors.base import I2CBus, Measurement, WrongChip
-from qrad_agent.sensors.sht3x import checked_words, command_read
+from qrad_agent.sensors.base import I2CBus, Measurement, WrongChip, checked_words, command_read
 
 CMD_TEMPERATURE = b"\xf3"  # no hold master
 CMD_HUMIDITY = b"\xf5"  # no hold master

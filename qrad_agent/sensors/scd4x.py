@@ -13,20 +13,18 @@ Every word the sensor sends is followed by a Sensirion CRC-8.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from smbus2 import i2c_msg
-
 from qrad_agent.sensors.base import (
-    CrcError,
     I2CBus,
     Measurement,
     NotReady,
     WrongChip,
-    sensirion_crc8,
+    checked_words,
+    command_read,
+    i2c_write,
 )
 
 CMD_START_PERIODIC = 0x21B1
@@ -120,22 +118,18 @@ class SCD4x:
         self._not_ready_in_a_row = 0
 
     def _send(self, command: int) -> None:
-        self.bus.i2c_rdwr(i2c_msg.write(self.address, command.to_bytes(2, "big")))
+        i2c_write(self.bus, self.address, command.to_bytes(2, "big"))
 
     def _query(self, command: int, words: int) -> list[int]:
-        self._send(command)
-        self.sleep(EXECUTION_S)
-        msg = i2c_msg.read(self.address, 3 * words)
-        self.bus.i2c_rdwr(msg)
-        data = ctypes.string_at(msg.buf, 3 * words)
-        values = []
-        for i in range(words):
-            word, crc = data[3 * i : 3 * i + 2], data[3 * i + 2]
-            expected = sensirion_crc8(word)
-            if crc != expected:
-                raise CrcError(
-                    f"SCD4x at 0x{self.address:02x}, command 0x{command:04x}, word {i}: "
-                    f"CRC byte 0x{crc:02x}, but {word.hex(' ')} gives 0x{expected:02x}"
-                )
-            values.append(int.from_bytes(word, "big"))
-        return values
+        data = command_read(
+            self.bus, self.address, command.to_bytes(2, "big"), 3 * words, EXECUTION_S,
+            self.sleep,
+        )
+        # word by word, so a CRC error names which word of the answer was corrupted
+        return [
+            checked_words(
+                data[3 * i : 3 * i + 3],
+                f"SCD4x at 0x{self.address:02x}, command 0x{command:04x}, word {i}",
+            )[0]
+            for i in range(words)
+        ]

@@ -4,72 +4,34 @@ The chip has no register pointer: the host writes a 16-bit command, waits for th
 and reads the answer. A read header sent before the conversion is done is NACKed, so the
 driver sleeps the datasheet maximum before reading rather than polling.
 
-The two helpers below (``command_read``, ``checked_words``) serve every command-then-read
-chip with Sensirion-style word+CRC framing, so the SHT4x and HTU21D drivers use them too.
+The command-then-read transfers and the word+CRC framing are shared with the other
+command-driven chips and live in ``base.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from smbus2 import i2c_msg
+from qrad_agent.sensors.base import (
+    I2CBus,
+    Measurement,
+    checked_words,
+    command_read,
+    reject_blank,
+)
 
-from qrad_agent.sensors.base import CrcError, I2CBus, Measurement, WrongChip, sensirion_crc8
+# The helpers moved to base.py; existing code imports them from here, so they stay exported.
+__all__ = [
+    "CMD_MEASURE_HIGH", "CMD_SERIAL", "MEASURE_WAIT_S", "SERIAL_WAIT_S", "SHT3x",
+    "checked_words", "command_read", "reject_blank",
+]
 
 CMD_MEASURE_HIGH = b"\x24\x00"  # single shot, high repeatability, no clock stretching
 CMD_SERIAL = b"\x37\x80"  # read serial number, no clock stretching
 MEASURE_WAIT_S = 0.016  # datasheet maximum 15.5 ms, plus margin for the chip's own clock
 SERIAL_WAIT_S = 0.001
-
-
-def command_read(
-    bus: I2CBus, address: int, command: bytes, length: int, wait_s: float,
-    sleep: Callable[[float], None],
-) -> bytes:
-    """Write ``command``, sleep ``wait_s``, read ``length`` bytes, as two I2C transfers.
-
-    A NACK or timeout surfaces as the bus's ``OSError``: the caller cannot tell "still busy"
-    from "gone", and the health monitor classifies both as io_error.
-    """
-    bus.i2c_rdwr(i2c_msg.write(address, command))
-    if wait_s > 0:
-        sleep(wait_s)
-    answer = i2c_msg.read(address, length)
-    bus.i2c_rdwr(answer)
-    return ctypes.string_at(answer.buf, length)
-
-
-def checked_words(data: bytes, what: str, init: int = 0xFF) -> list[int]:
-    """Split ``data`` into (msb, lsb, crc) triples and return the 16-bit words.
-
-    Raises ``CrcError`` naming the triple, the CRC the bytes call for and the one received.
-    """
-    if len(data) % 3:
-        raise ValueError(f"{what}: {len(data)} bytes is not a whole number of word+CRC triples")
-    words = []
-    for i in range(0, len(data), 3):
-        msb, lsb, crc = data[i], data[i + 1], data[i + 2]
-        expected = sensirion_crc8([msb, lsb], init)
-        if crc != expected:
-            raise CrcError(
-                f"{what}: bytes 0x{msb:02X} 0x{lsb:02X} need CRC 0x{expected:02X}, "
-                f"chip sent 0x{crc:02X}"
-            )
-        words.append(msb << 8 | lsb)
-    return words
-
-
-def reject_blank(data: bytes, what: str, expected: str) -> None:
-    """All-0x00 or all-0xFF is what a device that does not implement the command puts on the
-    wire (nobody drives SDA, or the wrong chip holds it low), not a corrupted frame."""
-    if data in (b"\x00" * len(data), b"\xff" * len(data)):
-        raise WrongChip(
-            f"{what}: expected {expected}, found {data.hex(' ').upper()} "
-            "(the device does not answer this command)"
-        )
 
 
 class SHT3x:

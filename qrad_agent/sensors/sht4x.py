@@ -10,8 +10,13 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from qrad_agent.sensors.base import I2CBus, Measurement
-from qrad_agent.sensors.sht3x import checked_words, command_read, reject_blank
+from qrad_agent.sensors.base import (
+    I2CBus,
+    Measurement,
+    checked_words,
+    command_read,
+    reject_blank,
+)
 
 CMD_MEASURE_HIGH = b"\xfd"  # high precision (repeatability)
 CMD_SERIAL = b"\x89"

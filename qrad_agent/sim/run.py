@@ -34,7 +34,7 @@ from qrad_agent.agent import Agent, make_allocator, make_controller
 from qrad_agent.config import AgentConfig
 from qrad_agent.core.models import Role
 from qrad_agent.core.schedule import WeeklySchedule
-from qrad_agent.sensors import open_sensor
+from qrad_agent.sensors.factory import open_configured
 from qrad_agent.sensors.health import SensorMonitor
 from qrad_agent.sim.scenario import Scenario
 from qrad_agent.sim.world import SimWorld, config_for_scenario
@@ -90,7 +90,11 @@ def build_sim_agent(
         world.io_time += seconds
 
     monitors = [
-        SensorMonitor(s.name, s.role, open_sensor(s.kind, world.bus, s.address, sleep=sim_sleep))
+        SensorMonitor.from_config(
+            s, open_configured(
+                s, bus_for=world.sensors.bus_for, sysfs=world.sensors.sysfs, sleep=sim_sleep
+            )
+        )
         for s in cfg.sensors
     ]
     cpufreq = CpufreqLever(world.sysfs)

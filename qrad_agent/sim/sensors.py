@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qrad_agent.config import SensorConfig
 from qrad_agent.core.models import Role
@@ -69,6 +70,19 @@ class SimSensors:
                 chip = emulator_for(s.kind, clock=clock)
                 self.bus_for(s.bus).attach(address, chip)
                 self._i2c[s.name] = (s.bus, address, chip)
+        # what set_temperatures moves, in config order: I2C chips and w1 probes alike have
+        # temperature_c; humidity and CO2 only where the chip measures them
+        self._targets: list[tuple[Any, Role, bool, bool]] = []
+        for s in sensors:
+            target: Any = None
+            if s.name in self._i2c:
+                target = self._i2c[s.name][2]
+            elif s.kind == "ds18b20" and s.device is not None:
+                target = self._probes[s.device]
+            if target is not None:
+                self._targets.append((
+                    target, s.role, hasattr(target, "humidity_pct"), hasattr(target, "co2_ppm")
+                ))
 
     def _need_root(self, s: SensorConfig) -> Path:
         if self.root is None:
@@ -124,6 +138,7 @@ class SimSensors:
         exhaust sensors ``exhaust_c`` (default: room air + 5 K), board sensors the CPU. Each
         sensor gets its own Gaussian noise of ``noise_k`` (needs ``rng``), as real chips do."""
 
+        # called every simulated step: kept to plain loops over lists built once
         def noisy(value: float) -> float:
             return value + rng.gauss(0.0, noise_k) if rng is not None and noise_k else value
 
@@ -133,16 +148,12 @@ class SimSensors:
             Role.EXHAUST: room_air_c + EXHAUST_RISE_K if exhaust_c is None else exhaust_c,
             Role.BOARD: board_c,
         }
-        for name, (_, _, chip) in self._i2c.items():
-            value = noisy(by_role[self.configs[name].role])
-            chip.temperature_c = value  # type: ignore[attr-defined]
-            if hasattr(chip, "humidity_pct"):
+        for chip, role, has_rh, has_co2 in self._targets:
+            chip.temperature_c = noisy(by_role[role])
+            if has_rh:
                 chip.humidity_pct = min(100.0, max(0.0, noisy(self.humidity_pct)))
-            if hasattr(chip, "co2_ppm"):
+            if has_co2:
                 chip.co2_ppm = max(0.0, noisy(self.co2_ppm))
-        for s in self.configs.values():
-            if s.kind == "ds18b20" and s.device is not None:
-                self._probes[s.device].temperature_c = noisy(by_role[s.role])
         if self._hwmon is not None:
             self._hwmon.set_cpu_temperature(board_c)
 

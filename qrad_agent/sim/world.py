@@ -14,15 +14,13 @@ import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from qrad_agent.config import AgentConfig, SensorConfig
-from qrad_agent.core.models import Role
+from qrad_agent.config import AgentConfig
 from qrad_agent.core.power import PowerModel
-from qrad_agent.sim.chips import emulator_for
-from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.cpufreq import EmulatedCpufreqSysfs, make_cpufreq_tree
 from qrad_agent.sim.levers import SimQuotaLever, SimSlotsLever
 from qrad_agent.sim.room import Room2R2C
 from qrad_agent.sim.scenario import Scenario
+from qrad_agent.sim.sensors import SimSensors
 from qrad_agent.sim.weather import Weather
 
 
@@ -74,15 +72,10 @@ class SimWorld:
         self._overrides = list(scenario.override_starts())  # (t_s, target_c, duration_s)
         r = scenario.radiator
         self.model = PowerModel(r.idle_w, r.slot_w, r.freq_exponent, r.max_freq_khz)
-        self.bus = EmulatedBus()
-        self.chips: dict[str, tuple[SensorConfig, EmulatedChip]] = {}
-        for s in cfg.sensors:
-            chip = emulator_for(s.kind, clock=self.clock)
-            address = s.address if s.address is not None else chip_default_address(s.kind)
-            self.bus.attach(address, chip)
-            self.chips[s.name] = (s, chip)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="qrad-sim-")
         root = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        # every configured sensor's emulated hardware: I2C chips, w1 probes, hwmon tree
+        self.sensors = SimSensors(cfg.sensors, self.clock, root, board_cores=r.cores)
         steps = range(r.min_freq_khz, r.max_freq_khz + 1, r.freq_step_khz)
         self.sysfs: EmulatedCpufreqSysfs = make_cpufreq_tree(
             root / "sys", cpus=r.cores, min_khz=r.min_freq_khz, max_khz=r.max_freq_khz,
@@ -130,19 +123,16 @@ class SimWorld:
             due.append((target, duration))
         return due
 
+    def cpu_c(self) -> float:
+        """A plain CPU temperature model for board sensors: room air plus a rise with power."""
+        return self.room.air_c + 10.0 + 50.0 * self.power_w / self.scenario.radiator.max_power_w
+
     def _sense(self) -> None:
-        noise = self.cfg.sim.sensor_noise_k
-        for s, chip in self.chips.values():
-            value = self.room.air_c if s.role is Role.ROOM else self.room.air_c + 5.0
-            chip.temperature_c = value + (self._rng.gauss(0.0, noise) if noise else 0.0)  # type: ignore[attr-defined]
+        self.sensors.set_temperatures(
+            self.room.air_c, self.cpu_c(), self._rng, self.cfg.sim.sensor_noise_k
+        )
 
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def chip_default_address(kind: str) -> int:
-    from qrad_agent.sensors import REGISTRY
-
-    return REGISTRY[kind].addresses[0]
