@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", metavar="FILE.png", help="draw temperatures, power and slots")
     sim.set_defaults(func=cmd_simulate)
 
+    from qrad_agent.actuators.cli import add_parser as add_actuators_parser
     from qrad_agent.sensors.cli import add_parser as add_sensors_parser
 
     add_sensors_parser(sub)
+    add_actuators_parser(sub)
 
     conf = sub.add_parser("config", help="validate a config file or print its JSON Schema")
     csub = conf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

@@ -11,6 +11,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qrad_agent.actuators.settings import (
+    CgroupConfig,
+    DutyCycleConfig,
+    MeteringConfig,
+    RaplLimitConfig,
+    WorkersConfig,
+)
 from qrad_agent.core.models import Mode, Role
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -306,6 +313,10 @@ class CpufreqConfig(Section):
 
 class ActuatorsConfig(Section):
     cpufreq: CpufreqConfig = Field(default_factory=CpufreqConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    cgroups: CgroupConfig = Field(default_factory=CgroupConfig)
+    duty_cycle: DutyCycleConfig = Field(default_factory=DutyCycleConfig)
+    rapl: RaplLimitConfig = Field(default_factory=RaplLimitConfig)
 
 
 class SimConfig(Section):
@@ -330,6 +341,7 @@ class AgentConfig(Section):
         default_factory=lambda: [SensorConfig(name="room", kind="tmp102", bus=1, address=0x48)]
     )
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
 
     @field_validator("sensors")

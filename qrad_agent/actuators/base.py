@@ -15,6 +15,10 @@ from typing import Any, Protocol
 from qrad_agent.core.models import Plan
 
 
+class LeverError(Exception):
+    """A lever could not read or change a setting; the message says which and why."""
+
+
 @dataclass(frozen=True)
 class LeverInfo:
     name: str

@@ -27,6 +27,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
+from qrad_agent.actuators.base import LeverError as LeverError  # also imported from here
 from qrad_agent.actuators.base import LeverInfo
 from qrad_agent.actuators.restore import RestoreRecord
 from qrad_agent.core.models import Plan
@@ -38,10 +39,6 @@ CPU_DIR = "devices/system/cpu"
 PSTATE_DIR = f"{CPU_DIR}/intel_pstate"
 RECHECK_EVERY = 30  # apply() calls between re-reads of the live limits: 5 min at 10 s ticks
 PERMISSION_HINT = "permission denied: run as root or install the udev rule"
-
-
-class LeverError(Exception):
-    """A lever could not read or change a setting; the message says which and why."""
 
 
 @dataclass(frozen=True)
