@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,9 +23,14 @@ from qrad_agent.core.controller import Controller, Decision, HeatingController
 from qrad_agent.core.fusion import RoomEstimate, fuse_room
 from qrad_agent.core.models import Plan, Reading
 from qrad_agent.core.power import PowerModel
+from qrad_agent.core.safety import SafetyEvent, SafetyInputs, SafetySupervisor, SafetyVerdict
+from qrad_agent.metering import PowerChooser, PowerReading
+from qrad_agent.metering.energy import EnergyAccumulator
 from qrad_agent.sensors.health import SensorMonitor
 
 log = logging.getLogger("qrad_agent")
+
+EVENTS_KEPT = 200  # safety events kept on the agent for status (each is also logged)
 
 
 @dataclass
@@ -34,6 +40,7 @@ class AgentStats:
     lever_errors: int = 0
     last_decision: Decision | None = None
     last_room: RoomEstimate = field(default_factory=lambda: RoomEstimate(None, 0, 0))
+    last_verdict: SafetyVerdict | None = None
 
 
 class Agent:
@@ -45,6 +52,7 @@ class Agent:
         controller: Controller,
         outdoor: Callable[[], float | None] | None = None,
         state_file: Path | None = None,
+        supervisor: SafetySupervisor | None = None,
     ) -> None:
         self.cfg = cfg
         self.sensors = sensors
@@ -55,6 +63,12 @@ class Agent:
         self.readings: dict[str, Reading] = {}
         self.stats = AgentStats()
         self.inventory: list[LeverInfo] = [lever.discover() for lever in levers]
+        # safety is on unless a caller brings its own supervisor
+        self.supervisor = supervisor or SafetySupervisor(cfg.safety, cfg.control.period_s)
+        self.power: PowerChooser | None = None
+        self.energy: EnergyAccumulator | None = None
+        self.last_power: PowerReading | None = None
+        self.events: deque[SafetyEvent] = deque(maxlen=EVENTS_KEPT)
         self._next_poll = float("-inf")
         self._next_tick = float("-inf")
         self._next_save = float("-inf")
@@ -78,12 +92,61 @@ class Agent:
         for s in self.sensors:
             self.readings[s.name] = s.poll(now)
         self.stats.polls += 1
-        self.stats.last_room = fuse_room(self.readings.values())
+        # room sensors the supervisor found misplaced are left out of the room temperature
+        self.stats.last_room = fuse_room(
+            r for r in self.readings.values() if r.sensor not in self.supervisor.distrusted
+        )
         return self.stats.last_room
 
+    def protect(self, now: float) -> SafetyVerdict:
+        """The safety supervisor's verdict on the latest readings; its events are kept and
+        logged. Called by every tick before the controller decides."""
+        last = self.stats.last_decision
+        verdict = self.supervisor.evaluate(now, SafetyInputs(
+            readings=tuple(self.readings.values()),
+            target_c=last.target_c if last else None,
+            demand=last.demand if last else 0.0,
+            cpu_critical_c=self._cpu_critical_c(),
+            outdoor_c=self.outdoor(),
+            room=self.stats.last_room,  # poll fused it without the distrusted sensors
+        ))
+        for event in verdict.events:
+            self.events.append(event)
+            level = logging.INFO if event.kind in ("reset", "step_up") else logging.WARNING
+            log.log(level, "safety %s %s: %s", event.check, event.kind, event.reason)
+        self.stats.last_verdict = verdict
+        self.stats.last_room = verdict.room
+        return verdict
+
+    def _cpu_critical_c(self) -> float | None:
+        """The critical limit of the hottest CPU sensor, as its driver found it (hwmon
+        temp*_crit or a thermal zone's critical trip point)."""
+        limits = []
+        for s in self.sensors:
+            last = getattr(s.driver, "last", None)
+            crit = getattr(last, "critical_c", None)
+            if isinstance(crit, int | float):
+                limits.append(float(crit))
+        return min(limits) if limits else None
+
+    def attach_power(self, power: PowerChooser, energy: EnergyAccumulator) -> None:
+        """Measure what the board draws (meter, RAPL or model) and keep the energy total."""
+        self.power, self.energy = power, energy
+
     def tick(self, now: float, local: datetime) -> Decision:
-        decision = self.controller.decide(now, local, self.stats.last_room, self.outdoor())
+        if self.power is not None:
+            # read before the new plan: the model source must see the plan that drew the power
+            self.last_power = self.power.read(now)
+            if self.energy is not None:
+                self.energy.add(self.last_power)
+        verdict = self.protect(now)
+        decision = self.controller.decide(
+            now, local, verdict.room, self.outdoor(), limit=verdict.limit,
+            floor=verdict.force_demand or 0.0,
+        )
         self.apply(decision.plan)
+        if self.power is not None:
+            self.power.observe(decision.plan)
         self.stats.ticks += 1
         self.stats.last_decision = decision
         if now >= self._next_save:
@@ -107,6 +170,10 @@ class Agent:
             except Exception as exc:
                 log.error("lever %s failed to restore: %s", lever.name, exc)
         self._save_state()
+        if self.energy is not None:
+            self.energy.close()
+        if self.power is not None:
+            self.power.close()
 
     # -- controller state across restarts ---------------------------------------------------
     def _load_state(self) -> None:
@@ -149,7 +216,12 @@ class Agent:
                 for name, r in self.readings.items()
             },
             "levers": {i.name: i.available for i in self.inventory},
+            "sensors": {m.name: m.counters_dict() for m in self.sensors},
+            "power": self.last_power.as_dict() if self.last_power else None,
+            "energy_wh": self.energy.total_wh if self.energy else None,
             "ticks": self.stats.ticks,
+            "safety": self.stats.last_verdict.summary() if self.stats.last_verdict else None,
+            "events": [e.as_dict() for e in list(self.events)[-20:]],
         }
 
 

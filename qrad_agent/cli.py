@@ -169,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qrad_agent.actuators.cli import add_parser as add_actuators_parser
     from qrad_agent.sensors.cli import add_parser as add_sensors_parser
+    from qrad_agent.tune_cli import add_parser as add_tune_parser
 
     add_sensors_parser(sub)
     add_actuators_parser(sub)
+    add_tune_parser(sub)
 
     conf = sub.add_parser("config", help="validate a config file or print its JSON Schema")
     csub = conf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

@@ -19,6 +19,7 @@ from qrad_agent.actuators.settings import (
     WorkersConfig,
 )
 from qrad_agent.core.models import Mode, Role
+from qrad_agent.safety_settings import AutotuneConfig, SafetyConfig
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
@@ -342,6 +343,8 @@ class AgentConfig(Section):
     )
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    autotune: AutotuneConfig = Field(default_factory=AutotuneConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
 
     @field_validator("sensors")

@@ -32,8 +32,13 @@ class Controller(Protocol):
     allocator: Allocator
 
     def decide(
-        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
-    ) -> Decision: ...
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None,
+        limit: float = 1.0, floor: float = 0.0,
+    ) -> Decision:
+        """One tick. ``limit`` and ``floor`` come from the safety supervisor: the demand
+        applied is ``min(limit, max(demand, floor))``, and ``limit <= 0`` stops every worker
+        at once. ``Decision.demand`` is the demand applied."""
+        ...
 
     def set_override(self, target_c: float, now: float, duration_s: float) -> None: ...
 
@@ -61,24 +66,32 @@ class HeatingController:
         self.thermostat.set_override(target_c, now, duration_s)
 
     def decide(
-        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None,
+        limit: float = 1.0, floor: float = 0.0,
     ) -> Decision:
+        # the thermostat learns warm-up rates from the demand that was applied, cap included
         th = self.thermostat.update(now, local, room.temperature_c, self.demand)
         measured = self._filter(now, room.temperature_c)
         if th.target_c is None or measured is None:
             # No target (mode off) or no healthy room sensor: no heat. The safety supervisor
             # decides about holds and frost protection on top of this.
             self.pid.disengage()
-            self.demand = 0.0
+            wanted = 0.0
             reason = th.reason if room.temperature_c is not None else "no-room-sensor"
         else:
             ff = 0.0
             if outdoor_c is not None and self.cfg.pid.feedforward_w_per_k > 0:
                 gap = max(0.0, th.target_c - outdoor_c)
                 ff = self.cfg.pid.feedforward_w_per_k * gap / self._dynamic_w
-            self.demand = self.pid.update(now, th.target_c, measured, ff)
+            before = self.pid.integral
+            wanted = self.pid.update(now, th.target_c, measured, ff)
+            if wanted > limit and self.pid.integral > before:
+                # conditional integration against the safety cap too: a capped room must
+                # not wind the integral up and overshoot when the cap lifts
+                self.pid.integral = before
             reason = th.reason
-        plan = self.allocator.allocate(now, self.demand)
+        self.demand = 0.0 if limit <= 0 else min(limit, max(wanted, floor), 1.0)
+        plan = self.allocator.allocate(now, self.demand, limit)
         return Decision(th.target_c, reason, th.comfort_now, self.demand, plan)
 
     def _filter(self, now: float, room_c: float | None) -> float | None:

@@ -34,7 +34,8 @@ class BangBang:
         self._override = (target_c, now + duration_s)
 
     def decide(
-        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None,
+        limit: float = 1.0, floor: float = 0.0,
     ) -> Decision:
         comfort = self.schedule.is_comfort(local)
         target = self.comfort_c if comfort else self.eco_c
@@ -51,11 +52,15 @@ class BangBang:
             self.on = False
             self.switches += 1
         a = self.allocator
-        plan = Plan(a.n_max, a.max_freq_khz, 1.0) if self.on else Plan(0, a.min_freq_khz, 1.0)
-        if self.on and a.running == 0:
-            a.starts += a.n_max
+        # the safety cap in whole slots (rounded down, never above it); a floor switches on
+        slots = a.n_max if limit >= 1.0 else int(a.n_max * max(0.0, limit))
+        on = (self.on or floor > 0) and slots > 0
+        plan = Plan(slots, a.max_freq_khz, 1.0) if on else Plan(0, a.min_freq_khz, 1.0)
+        if on and a.running == 0:
+            a.starts += plan.slots
         a.running = plan.slots
-        return Decision(target, "comfort" if comfort else "eco", comfort, float(self.on), plan)
+        demand = plan.slots / a.n_max if on else 0.0
+        return Decision(target, "comfort" if comfort else "eco", comfort, demand, plan)
 
 
 class SimplePid:
@@ -78,7 +83,8 @@ class SimplePid:
         self.demand = 0.0
 
     def decide(
-        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None
+        self, now: float, local: datetime, room: RoomEstimate, outdoor_c: float | None,
+        limit: float = 1.0, floor: float = 0.0,
     ) -> Decision:
         th = self.thermostat.update(now, local, room.temperature_c, self.demand)
         dt = 0.0 if self._last is None else now - self._last
@@ -89,7 +95,8 @@ class SimplePid:
             self.pid.setpoint = th.target_c
             out = self.pid(room.temperature_c, dt=dt if dt > 0 else 1e-6)
             self.demand = float(out) if out is not None else 0.0
-        plan = self.allocator.allocate(now, self.demand)
+        self.demand = 0.0 if limit <= 0 else min(limit, max(self.demand, floor), 1.0)
+        plan = self.allocator.allocate(now, self.demand, limit)
         return Decision(th.target_c, th.reason, th.comfort_now, self.demand, plan)
 
     def set_override(self, target_c: float, now: float, duration_s: float) -> None:

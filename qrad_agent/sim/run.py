@@ -34,6 +34,8 @@ from qrad_agent.agent import Agent, make_allocator, make_controller
 from qrad_agent.config import AgentConfig
 from qrad_agent.core.models import Role
 from qrad_agent.core.schedule import WeeklySchedule
+from qrad_agent.metering import energy_file, open_power
+from qrad_agent.metering.energy import EnergyAccumulator
 from qrad_agent.sensors.factory import open_configured
 from qrad_agent.sensors.health import SensorMonitor
 from qrad_agent.sim.scenario import Scenario
@@ -80,9 +82,18 @@ class Trace:
 
 
 def build_sim_agent(
-    cfg: AgentConfig, scenario: Scenario, controller: str = "agent", workdir: Path | None = None
+    cfg: AgentConfig,
+    scenario: Scenario,
+    controller: str = "agent",
+    workdir: Path | None = None,
+    metered: bool = True,
 ) -> tuple[Agent, SimWorld]:
-    """The agent's real code wired to a simulated radiator in ``scenario``'s room."""
+    """The agent's real code wired to a simulated radiator in ``scenario``'s room.
+
+    ``metered`` adds power reading and energy accounting as on a board (for status); the
+    scoring simulation leaves it out: the world integrates the true energy itself, and the
+    accountant's periodic fsync would be most of a fast run's cost.
+    """
     cfg = config_for_scenario(cfg, scenario)
     world = SimWorld(cfg, scenario, workdir)
 
@@ -107,6 +118,11 @@ def build_sim_agent(
     ctl = make_controller(controller, cfg, allocator)
     agent = Agent(cfg, monitors, [cpufreq, world.slots, world.quota], ctl,
                   outdoor=lambda: world.outdoor_c)
+    if metered:
+        # no meter and no RAPL on the simulated board: the power model says what it draws
+        metering = cfg.metering.model_copy(update={"rapl": False})
+        power = open_power(metering, world.sysfs, allocator.model)
+        agent.attach_power(power, EnergyAccumulator(energy_file(world.root)))
     return agent, world
 
 
@@ -123,7 +139,7 @@ def simulate(
     # by a whole control period. `run --sim` polls at sensor_period_s, as a board does.
     control = cfg.control.model_copy(update={"sensor_period_s": cfg.control.period_s})
     agent, world = build_sim_agent(cfg.model_copy(update={"control": control}), scenario,
-                                   controller)
+                                   controller, metered=False)
     acfg = agent.cfg
     comfort_c, eco_c = acfg.thermostat.comfort_c, acfg.thermostat.eco_c
     schedule = WeeklySchedule(acfg.thermostat.schedule)

@@ -74,6 +74,7 @@ class SimWorld:
         self.model = PowerModel(r.idle_w, r.slot_w, r.freq_exponent, r.max_freq_khz)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="qrad-sim-")
         root = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.root = root
         # every configured sensor's emulated hardware: I2C chips, w1 probes, hwmon tree
         self.sensors = SimSensors(cfg.sensors, self.clock, root, board_cores=r.cores)
         steps = range(r.min_freq_khz, r.max_freq_khz + 1, r.freq_step_khz)
