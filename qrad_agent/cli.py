@@ -168,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     from qrad_agent.actuators.cli import add_parser as add_actuators_parser
+    from qrad_agent.link import cli as link_cli
     from qrad_agent.sensors.cli import add_parser as add_sensors_parser
     from qrad_agent.tune_cli import add_parser as add_tune_parser
 
     add_sensors_parser(sub)
     add_actuators_parser(sub)
     add_tune_parser(sub)
+    link_cli.add_parser(sub)
 
     conf = sub.add_parser("config", help="validate a config file or print its JSON Schema")
     csub = conf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

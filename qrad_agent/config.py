@@ -19,6 +19,7 @@ from qrad_agent.actuators.settings import (
     WorkersConfig,
 )
 from qrad_agent.core.models import Mode, Role
+from qrad_agent.link.settings import LinkConfig
 from qrad_agent.safety_settings import AutotuneConfig, SafetyConfig
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -345,6 +346,7 @@ class AgentConfig(Section):
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     autotune: AutotuneConfig = Field(default_factory=AutotuneConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
 
     @field_validator("sensors")
