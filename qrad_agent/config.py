@@ -19,6 +19,7 @@ from qrad_agent.actuators.settings import (
     WorkersConfig,
 )
 from qrad_agent.core.models import Mode, Role
+from qrad_agent.jobs.settings import JobsConfig
 from qrad_agent.link.settings import LinkConfig
 from qrad_agent.safety_settings import AutotuneConfig, SafetyConfig
 
@@ -347,6 +348,7 @@ class AgentConfig(Section):
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     autotune: AutotuneConfig = Field(default_factory=AutotuneConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
 
     @field_validator("sensors")
