@@ -248,7 +248,9 @@ def test_a_fork_bomb_is_bounded_and_killed_at_its_timeout(box: Sandbox, job_env:
         most = max(most, len(procs))
         time.sleep(0.01)
     assert o.state is JobState.FAILED and o.reason is Reason.TIMEOUT
-    assert 1 < most <= 24, f"{most} processes of {user} with RLIMIT_NPROC 24"
+    # psutil can list a child that already exited but is not yet reaped next to the 24 the
+    # kernel allows: a couple over the limit is that race, an uncontained bomb is hundreds
+    assert 1 < most <= 24 + 2, f"{most} processes of {user} with RLIMIT_NPROC 24"
     left = [p.pid for p in psutil.process_iter(["username"])
             if p.info["username"] == user and alive(p.pid)]
     assert left == [], f"fork bomb processes still alive: {left}"
