@@ -369,9 +369,38 @@ class IdentifyBody(Message):
     duration_s: Annotated[float, Field(ge=1, le=600)] = 30.0
 
 
+JobIdText = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")]
+MAX_ASSIGNED_JOBS = 64
+
+
+class AssignBody(Message):
+    """``work/assign``: jobs answering a work request (each a job spec, see
+    ``jobs/spec.py`` ``JobSpec``, with the attempt it is leased for), or none and when to ask
+    again. Specs are checked one by one on the radiator, so one bad spec is refused with a
+    status on its own ``jobs/{job}/status`` while the others in the message are taken."""
+
+    cmd: Literal["assign"]
+    request: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
+    jobs: Annotated[list[dict[str, JsonValue]], Field(max_length=MAX_ASSIGNED_JOBS)] = Field(
+        default_factory=list)
+    retry_after_s: Annotated[float, Field(ge=0, le=86400)] | None = None
+
+
+class CancelBody(Message):
+    """``work/assign``: kill these jobs' whole process trees here; each is reported
+    ``cancelled`` (or with the final state it already reached)."""
+
+    cmd: Literal["cancel"]
+    jobs: Annotated[list[JobIdText], Field(min_length=1, max_length=MAX_ASSIGNED_JOBS)]
+    reason: Annotated[str, Field(max_length=200)] | None = None
+
+
+# what the work/assign topic carries; cmd/{name} topics accept only CommandName bodies
+WORK_BODIES = frozenset({"assign", "cancel"})
+
 CommandBody = Annotated[
     SetpointBody | ModeBody | ScheduleBody | OverrideBody | ConfigBody | DrainBody | ResumeBody
-    | IdentifyBody,
+    | IdentifyBody | AssignBody | CancelBody,
     Field(discriminator="cmd"),
 ]
 

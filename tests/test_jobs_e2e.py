@@ -1,0 +1,348 @@
+"""Jobs end to end: the reference dispatcher and radiator agents against a real Mosquitto.
+
+Each agent is a real process (``agent_main`` below, started with ``python -c``): the agent's
+own code on a simulated room, its own FleetLink, state database and ledger, and real job
+processes in the sandbox. So an agent can be SIGKILLed mid-job, which leaves its job
+processes orphaned exactly as a power cut of the agent alone would.
+
+Jobs mark what they did in a shared directory (one file per finished run, named by job,
+attempt and pid), so "exactly once" is counted from what ran, not from what was reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from qrad_agent.fleet.dispatcher import BrokerConfig, Dispatcher
+from qrad_agent.fleet.placement import FleetState
+from qrad_agent.jobs.spec import JobSpec, parse_spec
+from qrad_agent.link.security import make_envelope, public_key_b64
+from tests.mqtt_broker import Broker, FleetClient
+from tests.test_jobs_sandbox import JobEnv, job_env_lifetime
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = ("rad-a", "rad-b", "rad-c")
+
+# a job: marks "<job>.<attempt>.<pid>.done" when it has finished its work; job "slow" of
+# attempt 1 first marks ".start" and then sleeps long (the agent is killed meanwhile)
+JOB_CODE = (
+    "import os, sys, time\n"
+    "d, j, a = sys.argv[1], os.environ['QRAD_JOB_ID'], os.environ['QRAD_JOB_ATTEMPT']\n"
+    "if j.startswith('slow') and a == '1':\n"
+    "    open(f'{d}/{j}.{a}.{os.getpid()}.start', 'x').close()\n"
+    "    time.sleep(120)\n"
+    "open(f'{d}/{j}.{a}.{os.getpid()}.done', 'x').close()\n"
+)
+
+
+# ------------------------------------------------------------------ the agent process
+
+
+def agent_main(conf_text: str) -> None:
+    """One radiator: sim room, real link, real jobs. Runs until SIGTERM (clean stop)."""
+    import logging
+
+    from qrad_agent.config import AgentConfig
+    from qrad_agent.jobs.compose import attach_jobs
+    from qrad_agent.jobs.settings import JobsConfig
+    from qrad_agent.link.bridge import LinkBridge
+    from qrad_agent.link.client import Clock, FleetLink
+    from qrad_agent.link.settings import LinkConfig
+    from qrad_agent.sim.run import build_sim_agent
+    from qrad_agent.sim.scenario import load_scenario
+    from qrad_agent.store.db import open_store
+
+    c = json.loads(conf_text)
+    logging.basicConfig(filename=c["log"], level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = Path(c["state"])
+    base = AgentConfig()
+    cfg = base.model_copy(update={
+        "control": base.control.model_copy(update={"sensor_period_s": 10.0}),
+        "jobs": JobsConfig.model_validate(c["jobs"]),
+    })
+    agent, world = build_sim_agent(cfg, load_scenario("winter-week"))
+    # a cold room that stays cold: heat (and so work) is wanted for the whole test
+    agent.controller.set_override(28.0, world.t, 7 * 86400.0)
+    wake = threading.Event()
+    link = FleetLink(LinkConfig.model_validate(c["link"]), c["node"], open_store(state),
+                     clock=Clock(wall=time.time, mono=lambda: world.t), wake=wake.set)
+    bridge = LinkBridge(agent, link)
+    jobs = attach_jobs(agent, agent.cfg, link, state, link_bridge=bridge)
+    assert jobs is not None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bridge.start(world.t, world.local)
+    while not stop.is_set():
+        world.step(5.0)
+        decision = agent.service(world.t, world.local)
+        bridge.service(world.t, world.local, decision)
+        jobs.service()
+        wake.wait(0.01)
+        wake.clear()
+    agent.stop()
+    jobs.stop()
+    bridge.stop()
+    world.close()
+
+
+class AgentProc:
+    def __init__(self, tmp: Path, node: str, broker: Broker, keys: list[Ed25519PrivateKey],
+                 env: JobEnv) -> None:
+        self.node = node
+        self.log = tmp / f"{node}.log"
+        self.conf = {
+            "node": node, "state": str(tmp / f"state-{node}"), "log": str(self.log),
+            "link": {
+                "enabled": True,
+                "broker": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05,
+                           "reconnect_max_s": 0.5, "keepalive_s": 5},
+                "security": {"fleet_keys": [
+                    {"name": f"k{i}", "public_key": public_key_b64(k.public_key())}
+                    for i, k in enumerate(keys)]},
+                "telemetry": {"period_s": 60},
+            },
+            "jobs": env.config(work_dir=str(env.base / f"work-{node}"), filler="none",
+                               request_interval_s=0.1, heartbeat_s=1.0, grace_s=600.0,
+                               ).model_dump(mode="json"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProc:
+        code = ("import sys; from tests.test_jobs_e2e import agent_main; "
+                "agent_main(sys.argv[1])")
+        with open(self.log.with_suffix(".err"), "ab") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(self.conf)],
+                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def job_env() -> Iterator[JobEnv]:
+    yield from job_env_lifetime()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+def job_spec(env: JobEnv, job: str, priority: str = "low", **kw: Any) -> JobSpec:
+    return parse_spec({"job": job, "priority": priority,
+                       "argv": [env.python, "-c", JOB_CODE, str(env.shared)],
+                       "timeout_s": 300.0, "lease_s": 6.0, **kw})
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for this purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def marks(env: JobEnv, suffix: str = ".done") -> Counter[str]:
+    return Counter(p.name.split(".")[0] for p in env.shared.iterdir() if p.name.endswith(suffix))
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str,
+               logs: list[Path] = ()) -> None:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
+                            for p in logs if p.exists())
+            pytest.fail(f"not within {timeout} s: {what}{tails}")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def test_sixty_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
+    tmp_path: Path, broker: Broker, job_env: JobEnv
+) -> None:
+    dkey = Ed25519PrivateKey.generate()
+    agents = [AgentProc(tmp_path, n, broker, [dkey], job_env) for n in NODES]
+    disp = Dispatcher(BrokerConfig(broker.host, broker.port), tmp_path / "fleet.db", dkey,
+                      retry_after_s=0.2, tick_s=0.2)
+    logs = [a.log for a in agents] + [a.log.with_suffix(".err") for a in agents]
+    watcher: FleetClient | None = None
+    try:
+        disp.start()
+        assert disp.connected.wait(5)
+        prios = ("high", "low", "background")
+        specs = [job_spec(job_env, f"j{i:03d}", prios[i % 3]) for i in range(60)]
+        disp.queue.submit_many(specs)
+        for a in agents:
+            a.start()
+
+        def all_succeeded() -> bool:
+            return disp.queue.counts().get("succeeded", 0) == 60
+
+        wait_until(all_succeeded, 60, f"60 jobs succeeded ({disp.queue.counts()})", logs)
+        done = marks(job_env)
+        assert sorted(done) == sorted(s.job for s in specs)
+        assert set(done.values()) == {1}, [j for j, n in done.items() if n != 1]
+        where: Counter[str] = Counter()
+        for fj in disp.queue.list():
+            assert fj.state is FleetState.SUCCEEDED
+            assert fj.result is not None and fj.result.exit_code == 0
+            assert fj.result.output is not None  # the result itself was delivered
+            where[fj.result.node] += 1
+        assert len(where) >= 2, where  # placement spread the work
+
+        # -- a radiator dies mid-job: the job runs elsewhere; the restarted one reports
+        # "interrupted" and does not run it again
+        victim = agents[0]
+        for a in agents[1:]:
+            a.stop()  # clean stops: only the victim asks for work now
+        disp.queue.submit(job_spec(job_env, "slow", "high", lease_s=5.0))
+        wait_until(lambda: marks(job_env, ".start")["slow"] == 1, 30, "slow job started",
+                   logs)
+        job = disp.queue.get("slow")
+        assert job is not None and job.node == victim.node and job.attempt == 1
+        watcher = FleetClient(broker.host, broker.port, "watcher")
+        watcher.subscribe("qrad/v1/nodes/+/jobs/slow/status")
+        victim.kill()
+        # the orphaned job process goes on; the will ("lost") or the lease requeues it
+        wait_until(lambda: (j := disp.queue.get("slow")) is not None
+                   and j.state is FleetState.QUEUED, 20, "slow job requeued", logs)
+        agents[1].start()
+        wait_until(lambda: (j := disp.queue.get("slow")) is not None
+                   and j.state is FleetState.SUCCEEDED, 30, "slow job done elsewhere", logs)
+        final = disp.queue.get("slow")
+        assert final is not None and final.result is not None
+        assert final.result.node == agents[1].node and final.result.attempt == 2
+        orphan = int(next(job_env.shared.glob("slow.1.*.start")).name.split(".")[2])
+        assert alive(orphan)  # the agent's death did not end its job
+        watcher.clear()
+        victim.start()
+        # the restarted victim finds attempt 1 "running" in its ledger: it kills what is left
+        # of that run, reports it failed/interrupted, and never runs it again
+        r = watcher.expect(lambda m: m.topic == f"qrad/v1/nodes/{victim.node}/jobs/slow/status",
+                           30)
+        st = json.loads(r.payload)
+        assert (st["attempt"], st["state"], st["reason"]) == (1, "failed", "interrupted"), st
+        wait_until(lambda: not alive(orphan), 10, "orphan killed", logs)
+        time.sleep(1.0)
+        assert marks(job_env, ".start")["slow"] == 1
+        assert marks(job_env)["slow"] == 1  # only attempt 2 finished
+        final = disp.queue.get("slow")
+        assert final is not None and final.result is not None and final.result.attempt == 2
+        assert disp.queue.counts() == {"succeeded": 61}
+    finally:
+        for a in agents:
+            a.stop()
+        disp.stop()
+        if watcher is not None:
+            watcher.close()
+
+
+def test_forged_replayed_expired_misaddressed_and_bad_specs_are_refused(
+    tmp_path: Path, broker: Broker, job_env: JobEnv
+) -> None:
+    ops = Ed25519PrivateKey.generate()
+    agent = AgentProc(tmp_path, "rad-x", broker, [ops], job_env)
+    fleet = FleetClient(broker.host, broker.port, "tester")
+    topic = "qrad/v1/nodes/rad-x"
+    fleet.subscribe(f"{topic}/jobs/+/status")
+    seq = [time.time_ns() // 1000]
+
+    def envelope(jobs: list[dict[str, Any]], *, key: Ed25519PrivateKey | None = ops,
+                 node: str = "rad-x", issued: float | None = None, ttl: float = 60.0,
+                 same_seq: bool = False) -> dict[str, Any]:
+        if not same_seq:
+            seq[0] += 1
+        return make_envelope(key, node, {"cmd": "assign", "jobs": jobs}, seq=seq[0],
+                             issued_at=time.time() if issued is None else issued, ttl_s=ttl,
+                             command_id=f"t{seq[0]}")
+
+    def send(env: dict[str, Any]) -> None:
+        fleet.publish(f"{topic}/work/assign", json.dumps(env))
+
+    def status_of(job: str, timeout: float = 10.0) -> dict[str, Any]:
+        r = fleet.expect(lambda m: m.topic == f"{topic}/jobs/{job}/status", timeout)
+        return dict(json.loads(r.payload))
+
+    def spec(job: str) -> dict[str, Any]:
+        return job_spec(job_env, job).model_dump(mode="json")
+
+    try:
+        agent.start()
+        wait_until(lambda: "connected to" in (agent.log.read_text(errors="replace")
+                                              if agent.log.exists() else ""),
+                   20, "agent connected", [agent.log])
+        cases = [
+            ("forged", envelope([spec("forged")], key=Ed25519PrivateKey.generate()),
+             "bad_signature"),
+            ("unsigned", envelope([spec("unsigned")], key=None), "unsigned"),
+            ("expired", envelope([spec("expired")], issued=time.time() - 120, ttl=60),
+             "expired"),
+            ("misaddr", envelope([spec("misaddr")], node="rad-y"), "misaddressed"),
+        ]
+        for job, env, reason in cases:
+            send(env)
+            st = status_of(job)
+            assert (st["state"], st["reason"]) == ("returned", reason), st
+        # a good one runs; the same envelope again is a replay: refused, not run twice
+        good = envelope([spec("good")])
+        send(good)
+        assert status_of("good")["state"] == "accepted"
+        wait_until(lambda: marks(job_env)["good"] == 1, 20, "good job ran", [agent.log])
+        send(good)
+        # another job under a seq already used: replayed, refused with a status
+        send(envelope([spec("late")], same_seq=True))
+        st = status_of("late")
+        assert (st["state"], st["reason"]) == ("returned", "replayed"), st
+        # a spec that is not valid, next to a valid one in the same envelope
+        bad = {**spec("badspec"), "argv": []}
+        send(envelope([bad, spec("fine")]))
+        st = status_of("badspec")
+        assert (st["state"], st["reason"]) == ("failed", "invalid_spec"), st
+        assert "argv" in st["detail"]
+        wait_until(lambda: marks(job_env)["fine"] == 1, 20, "fine job ran", [agent.log])
+        time.sleep(0.5)
+        assert marks(job_env)["good"] == 1
+        for job, *_ in cases:
+            assert marks(job_env)[job] == 0
+        assert marks(job_env)["badspec"] == 0
+    finally:
+        agent.stop()
+        fleet.close()
+    # nothing of the refused ones reached the ledger
+    assert os.path.exists(tmp_path / "state-rad-x")
