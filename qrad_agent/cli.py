@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -41,38 +40,45 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qrad_agent.runner import StopFlag, run_realtime
+    from qrad_agent.connect import connect_fleet
+    from qrad_agent.runner import StopFlag, run_service
 
     cfg = _load(args.config)
     stop = StopFlag()
     stop.install()
     if not args.sim:
-        from qrad_agent.hardware import build_hardware_agent
+        from qrad_agent.hardware import build_hardware_agent, with_overlay
 
         agent = build_hardware_agent(cfg)
-        try:
-            run_realtime(agent, stop)
-        finally:
-            agent.stop()
-        return 0
+        fleet = connect_fleet(agent, agent.cfg, stop.wake)
+        # a reload reads the file again and lays `tune --apply`'s overlay over it, as at start
+        return run_service(agent, stop, config_path=args.config, adapt=with_overlay,
+                           status_socket=args.status_socket, metrics_port=args.metrics_port,
+                           on_beat=fleet.beat if fleet else None,
+                           after_stop=fleet.after_stop() if fleet else ())
 
     from qrad_agent.sim.run import build_sim_agent
     from qrad_agent.sim.scenario import load_scenario
+    from qrad_agent.sim.world import config_for_scenario
 
     scenario = load_scenario(args.scenario or cfg.sim.scenario)
     agent, world = build_sim_agent(cfg, scenario)
+    fleet = connect_fleet(agent, agent.cfg, stop.wake, world)
     live = LiveReadout(agent, world, sys.stdout)
     print(
         f"qrad-agent {__version__}: simulated radiator in '{scenario.name}' at {args.speed:g}x "
         f"({scenario.radiator.max_power_w:.0f} W, {scenario.radiator.cores} slots). Ctrl-C stops."
     )
     try:
-        run_realtime(agent, stop, world, args.speed, live.show, args.duration)
+        return run_service(
+            agent, stop, world, args.speed, live.show, args.duration, config_path=args.config,
+            adapt=lambda c: config_for_scenario(c, scenario), status_socket=args.status_socket,
+            metrics_port=args.metrics_port, on_beat=fleet.beat if fleet else None,
+            after_stop=fleet.after_stop() if fleet else (),
+        )
     finally:
-        agent.stop()
         live.summary(stop.signal_name)
         world.close()
-    return 0
 
 
 class LiveReadout:
@@ -156,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulated seconds per real second with --sim (default 60)")
     run.add_argument("--scenario", help="scenario name or file for --sim (default: config's)")
     run.add_argument("--duration", type=_positive, help="stop after this many real seconds")
+    run.add_argument("--status-socket", metavar="PATH",
+                     help="serve status on this Unix socket (default: ops.status_socket, else "
+                          "/run/qrad-agent/status.sock, or a per-user temp path with --sim)")
+    run.add_argument("--metrics-port", type=_port, metavar="PORT",
+                     help="serve Prometheus metrics on 127.0.0.1:PORT (default: ops.metrics)")
     run.set_defaults(func=cmd_run)
 
     sim = sub.add_parser("simulate", help="run a scenario as fast as possible and score it")
@@ -169,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qrad_agent.actuators.cli import add_parser as add_actuators_parser
     from qrad_agent.link import cli as link_cli
+    from qrad_agent.ops.cli import add_parser as add_ops_parser
     from qrad_agent.sensors.cli import add_parser as add_sensors_parser
     from qrad_agent.tune_cli import add_parser as add_tune_parser
 
     add_sensors_parser(sub)
     add_actuators_parser(sub)
+    add_ops_parser(sub)
     add_tune_parser(sub)
     link_cli.add_parser(sub)
 
@@ -196,12 +209,21 @@ def _positive(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from qrad_agent.ops.logging import configure
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure(verbose=args.verbose)
     try:
         return int(args.func(args))
     except ConfigError as exc:  # also an unusable scenario file

@@ -21,6 +21,7 @@ from qrad_agent.actuators.settings import (
 from qrad_agent.core.models import Mode, Role
 from qrad_agent.jobs.settings import JobsConfig
 from qrad_agent.link.settings import LinkConfig
+from qrad_agent.ops.settings import OpsConfig
 from qrad_agent.safety_settings import AutotuneConfig, SafetyConfig
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -350,6 +351,7 @@ class AgentConfig(Section):
     link: LinkConfig = Field(default_factory=LinkConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
 
     @field_validator("sensors")
     @classmethod
