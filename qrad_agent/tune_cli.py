@@ -213,8 +213,8 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 def apply_overlay(cfg: AgentConfig, overlay: Mapping[str, Any]) -> AgentConfig:
     """``cfg`` with the overlay's ``config`` merged over it, validated as a whole.
 
-    Sections the running version's ``AgentConfig`` does not have (``safety`` until it is
-    wired in) are left out here; read them with ``room_model_from_overlay``.
+    Sections this version's ``AgentConfig`` does not have are left out (an overlay written
+    by a newer version must not stop an older one).
     """
     wanted = dict(overlay.get("config", {}))
     known = set(AgentConfig.model_fields)
@@ -248,6 +248,10 @@ def write_overlay(path: Path, result: TuneResult, setpoint_c: float,
         "pid": {"kp": round(gains.kp, 4), "ki": round(gains.ki, 7), "kd": round(gains.kd, 2)},
         "safety": {"room_model": {"gain_k": round(m.gain_k, 3), "tau_s": round(m.tau_s, 1),
                                   "dead_time_s": round(m.dead_time_s, 1)}},
+        # optimal start's first guess until it has seen a warm-up of its own: half the
+        # fitted initial slope, because a long rise slows as the walls have to follow
+        "thermostat": {"optimal_start": {
+            "initial_rate_k_per_h": round(min(20.0, max(0.1, m.slope_k_per_h / 2)), 2)}},
     }
     # refuse values the config would refuse, before anything is written
     PidConfig.model_validate(update["pid"])

@@ -248,8 +248,12 @@ def test_overlay_round_trip_and_refusals(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": 1, "config": {"thermostat": {"comfort_c": 20.5}}}))
     data = write_overlay(path, result, SETPOINT)
     assert read_overlay(path) == data
-    assert data["config"]["thermostat"] == {"comfort_c": 20.5}  # merged, not replaced
+    assert data["config"]["thermostat"]["comfort_c"] == 20.5  # merged, not replaced
     cfg = apply_overlay(AgentConfig(), data)
+    # the fitted model seeds optimal start and the heating checks
+    assert cfg.thermostat.optimal_start.initial_rate_k_per_h == pytest.approx(
+        result.model.slope_k_per_h / 2, abs=0.01)
+    assert cfg.safety.room_model.tau_s == pytest.approx(result.model.tau_s, abs=0.1)
     assert cfg.pid.kp == pytest.approx(result.simc_pi.kp, rel=1e-3)
     assert cfg.pid.ki == pytest.approx(result.simc_pi.ki, rel=1e-3)
     assert cfg.thermostat.comfort_c == 20.5
