@@ -39,6 +39,12 @@ class SHT3x:
     addresses: ClassVar[tuple[int, ...]] = (0x44, 0x45)
     temperature_range_c: ClassVar[tuple[float, float]] = (-40.0, 125.0)
     dithers: ClassVar[bool] = True
+    # the command set; the SHT4x differs only here and in its humidity formula
+    name: ClassVar[str] = "SHT3x"
+    cmd_measure: ClassVar[bytes] = CMD_MEASURE_HIGH
+    cmd_serial: ClassVar[bytes] = CMD_SERIAL
+    measure_wait_s: ClassVar[float] = MEASURE_WAIT_S
+    serial_wait_s: ClassVar[float] = SERIAL_WAIT_S
 
     def __init__(
         self, bus: I2CBus, address: int = 0x44, sleep: Callable[[float], None] = time.sleep
@@ -48,18 +54,25 @@ class SHT3x:
         self.sleep = sleep
 
     def identify(self) -> str:
-        data = command_read(self.bus, self.address, CMD_SERIAL, 6, SERIAL_WAIT_S, self.sleep)
-        reject_blank(data, "SHT3x serial number (command 0x3780)", "two words with valid CRCs")
-        high, low = checked_words(data, "SHT3x serial number")
-        return f"SHT3x serial {high << 16 | low:08X}"
+        data = command_read(
+            self.bus, self.address, self.cmd_serial, 6, self.serial_wait_s, self.sleep
+        )
+        reject_blank(data, f"{self.name} serial number (command 0x{self.cmd_serial.hex()})",
+                     "two words with valid CRCs")
+        high, low = checked_words(data, f"{self.name} serial number")
+        return f"{self.name} serial {high << 16 | low:08X}"
 
     def read(self) -> Measurement:
         data = command_read(
-            self.bus, self.address, CMD_MEASURE_HIGH, 6, MEASURE_WAIT_S, self.sleep
+            self.bus, self.address, self.cmd_measure, 6, self.measure_wait_s, self.sleep
         )
-        t_raw, rh_raw = checked_words(data, "SHT3x measurement")
+        t_raw, rh_raw = checked_words(data, f"{self.name} measurement")
         return Measurement(
             temperature_c=-45.0 + 175.0 * t_raw / 65535.0,
-            humidity_pct=100.0 * rh_raw / 65535.0,
+            humidity_pct=self.humidity(rh_raw),
             raw=t_raw,
         )
+
+    @staticmethod
+    def humidity(raw: int) -> float:
+        return 100.0 * raw / 65535.0
