@@ -12,16 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qrad_agent.agent import Agent
 from qrad_agent.config import AgentConfig
 from qrad_agent.core.controller import Decision
-from qrad_agent.jobs.bridge import JobsBridge
-from qrad_agent.jobs.compose import attach_jobs
-from qrad_agent.link.bridge import LinkBridge
-from qrad_agent.link.client import Clock, FleetLink
-from qrad_agent.sim.world import SimWorld
-from qrad_agent.store.db import open_store
+
+if TYPE_CHECKING:
+    from qrad_agent.jobs.bridge import JobsBridge
+    from qrad_agent.link.bridge import LinkBridge
+    from qrad_agent.link.client import FleetLink
+    from qrad_agent.sim.world import SimWorld
 
 
 @dataclass
@@ -52,6 +53,13 @@ def connect_fleet(
     """The fleet connection for ``agent``, started; None when the link is disabled."""
     if not cfg.link.enabled:
         return None
+    # imported here: a radiator without a fleet should not carry paho, the crypto library and
+    # the job machinery in its memory
+    from qrad_agent.jobs.compose import attach_jobs
+    from qrad_agent.link.bridge import LinkBridge
+    from qrad_agent.link.client import Clock, FleetLink
+    from qrad_agent.store.db import open_store
+
     if world is not None:
         # a simulated radiator keeps its fleet state beside its simulated sysfs: a demo must
         # not write into a board's state directory
