@@ -29,7 +29,7 @@ from typing import Any
 
 from qrad_agent.actuators.base import LeverError as LeverError  # also imported from here
 from qrad_agent.actuators.base import LeverInfo
-from qrad_agent.actuators.restore import RestoreRecord
+from qrad_agent.actuators.restore import RestoreRecord, put_back
 from qrad_agent.core.models import Plan
 from qrad_agent.sysfs import Sysfs
 
@@ -81,18 +81,7 @@ class _LimitLever:
 
     def restore(self) -> None:
         """Write back the originals (the record's first, if any) and clear the record."""
-        values = self._record.originals(self.name) if self._record is not None else {}
-        values = values or dict(self._originals)
-        if values:
-            self._put_back(values)
-            if self._record is not None:
-                try:
-                    self._record.forget(self.name)
-                except OSError as exc:
-                    raise LeverError(
-                        f"settings restored, but the record {self._record.path} could not be "
-                        f"cleared: {exc}"
-                    ) from exc
+        put_back(self._record, self.name, self._originals, self._put_back)
         self._originals = {}
         self._reset()
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qrad_agent.actuators.base import LeverError, LeverInfo
-from qrad_agent.actuators.restore import RestoreRecord
+from qrad_agent.actuators.restore import RestoreRecord, put_back
 from qrad_agent.actuators.settings import RaplLimitConfig
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -189,18 +189,7 @@ class RaplLimitLever:
         return out
 
     def restore(self) -> None:
-        values = self._record.originals(self.name) if self._record is not None else {}
-        values = values or dict(self._originals)
-        if values:
-            self._put_back(values)
-            if self._record is not None:
-                try:
-                    self._record.forget(self.name)
-                except OSError as exc:
-                    raise LeverError(
-                        f"limits restored, but the record {self._record.path} could not be "
-                        f"cleared: {exc}"
-                    ) from exc
+        put_back(self._record, self.name, self._originals, self._put_back)
         self._originals = {}
         self._asked_uw = None
         self._shown.clear()

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -157,3 +157,32 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def put_back(
+    record: RestoreRecord | None,
+    lever: str,
+    held: Mapping[str, str],
+    write: Callable[[dict[str, str]], None],
+) -> None:
+    """Restore a lever's originals: the record's first (what a crashed run saw before it
+    changed anything), else those ``held`` in memory; then clear the record.
+
+    A record that cannot be cleared after the settings went back raises ``LeverError``: the
+    next start would otherwise "restore" them again over whatever the board has by then.
+    """
+    from qrad_agent.actuators.base import LeverError
+
+    values = (record.originals(lever) if record is not None else {}) or dict(held)
+    if not values:
+        return
+    write(values)
+    if record is None:
+        return
+    try:
+        record.forget(lever)
+    except OSError as exc:
+        raise LeverError(
+            f"{lever}: settings restored, but the record {record.path} could not be cleared: "
+            f"{exc}"
+        ) from exc
