@@ -244,15 +244,18 @@ class JobsBridge:
         except StoreError as exc:
             log.warning("jobs: cannot read the outbox now: %s", exc)
             return
-        for rid in ids:
-            if rid in present:
-                continue
-            sent = self._sent.pop(rid)
-            try:
-                self.scheduler.delivered(sent.job, sent.attempt, sent.seq, sent.at)
-            except StoreError as exc:
-                log.warning("jobs: delivery of %s#%d not recorded (sent again later): %s",
-                            sent.job, sent.attempt, exc)
+        gone = [rid for rid in ids if rid not in present]
+        if not gone:
+            return
+        try:
+            with self.scheduler.ledger.db.transaction():  # one commit for the lot
+                for rid in gone:
+                    sent = self._sent[rid]
+                    self.scheduler.delivered(sent.job, sent.attempt, sent.seq, sent.at)
+        except StoreError as exc:
+            log.warning("jobs: deliveries not recorded (sent again later): %s", exc)
+        for rid in gone:
+            self._sent.pop(rid, None)
 
     # ------------------------------------------------------------------ in
 
@@ -301,6 +304,7 @@ class JobsBridge:
         if not body.jobs:
             self.scheduler.answered(body.retry_after_s)
             return
+        specs = []
         for raw in body.jobs:
             try:
                 spec = parse_spec(raw)
@@ -314,8 +318,12 @@ class JobsBridge:
                         state=JobState.FAILED, at=self.link.clock.wall(),
                         reason=Reason.INVALID_SPEC.value, detail=str(exc)[:500]))
                 continue
-            # StoreError propagates: nothing was acknowledged, the broker sends it again
-            ack = self.scheduler.offer(spec)
+            specs.append(spec)
+        if not specs:
+            return
+        # one durable transaction for the lot, then one scheduler step. StoreError
+        # propagates: nothing was acknowledged, the broker sends it again
+        for ack in self.scheduler.offer_many(specs):
             self.stats.offered += 1
             self._status(ack)
 

@@ -31,6 +31,7 @@ a duplicate assignment of a finished attempt is answered with its result, not ru
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -218,7 +219,9 @@ class Ledger:
                 if cur.rowcount != 1:
                     return None
                 return report
-        except StoreError as exc:
+        except (StoreError, sqlite3.IntegrityError) as exc:
+            # StoreError alone; sqlite3's own error inside a caller's transaction, which the
+            # failed statement (aborted alone) leaves open
             if "CHECK constraint" in str(exc):  # a second run of a job that is not idempotent
                 log.error("ledger: refused to start %s#%d again: %s", job, attempt, exc)
                 return None

@@ -432,6 +432,9 @@ class JobRun:
         self.group = group
         self.started = box.clock()
         self.pid_start = _started_at(self.pid) or 0.0
+        # the leader's start in clock ticks since boot: nothing of the job is older, so the
+        # /proc scans look only at processes started since (a pid reused later is newer)
+        self._start_ticks = _start_ticks(self.pid) or 0
         self.suspended_at: float | None = None
         self.suspended_total = 0.0
         self.outcome: Outcome | None = None
@@ -599,7 +602,8 @@ class JobRun:
         run's token in its environment (a detached grandchild does)."""
         if self.group is not None:
             return self.group.pids()
-        return set(self._tree_alive()) | _scan(pgid=self.pid, tokens={self.token})
+        return set(self._tree_alive()) | _scan(pgid=self.pid, tokens={self.token},
+                                               since_ticks=self._start_ticks)
 
     def _track_tree(self) -> None:
         try:
@@ -919,9 +923,23 @@ def _kill_all(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
                 os.kill(pid, sig)
 
 
-def _scan(pgid: int = 0, tokens: set[str] | None = None) -> set[int]:
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return int(st[st.rfind(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _scan(pgid: int = 0, tokens: set[str] | None = None, since_ticks: int = 0) -> set[int]:
     """Live processes in process group ``pgid``, or whose environment holds one of ``tokens``
-    (as ``QRAD_JOB_TOKEN=<token>``). One pass over /proc."""
+    (as ``QRAD_JOB_TOKEN=<token>``). One pass over /proc.
+
+    ``since_ticks``: only processes started at or after it (clock ticks since boot) can match.
+    A job's processes all descend from its leader, so none is older than it: the others'
+    environments need not be read (most of a scan's cost)."""
     needles = {f"{TOKEN_ENV}={t}".encode() for t in tokens or ()}
     me = os.getpid()
     out: set[int] = set()
@@ -938,7 +956,9 @@ def _scan(pgid: int = 0, tokens: set[str] | None = None) -> set[int]:
             continue
         # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
         fields = st[st.rfind(b")") + 2:].split()
-        if len(fields) < 3 or fields[0] in (b"Z", b"X"):
+        if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+            continue
+        if since_ticks and int(fields[19]) < since_ticks:
             continue
         if pgid and int(fields[2]) == pgid:
             out.add(pid)

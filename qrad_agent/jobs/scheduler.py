@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -179,6 +180,7 @@ class JobScheduler:
         self._filler_ok = filler is not None
         self._accounted_at: float | None = None
         self._started = False
+        self._pending: list[JobStatus] | None = None  # reports of the open batch
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> list[JobStatus]:
@@ -250,32 +252,53 @@ class JobScheduler:
         recorded state of an attempt that was here already), or ``returned``/``failed`` with
         the reason it was refused. A failure to record raises ``StoreError``: then nothing
         must be acknowledged."""
+        return self.offer_many([spec])[0]
+
+    def offer_many(self, specs: Iterable[JobSpec]) -> list[JobStatus]:
+        """:meth:`offer` for the specs of one assignment, in order: all recorded in one
+        durable transaction (one sync), then one step starts what has a slot. A failure to
+        record raises ``StoreError`` and none of them is taken (nothing may be
+        acknowledged)."""
         self._ensure_started()
         now, wall = self.clock(), self.wall()
+        acks: list[JobStatus] = []
+        taken: list[_Job] = []
+        with self.ledger.db.transaction(durable=True):
+            for spec in specs:
+                ack, job = self._take(spec, now, wall)
+                acks.append(ack)
+                if job is not None:
+                    taken.append(job)
+        # committed: the jobs are ours now (before the commit, a failure would undo them)
+        for job in taken:
+            self.stats.accepted += 1
+            self._jobs[job.key] = job
+        if taken:
+            self.step(now)
+        return acks
+
+    def _take(self, spec: JobSpec, now: float, wall: float) -> tuple[JobStatus, _Job | None]:
         known = self.ledger.get(spec.job, spec.attempt)
         if known is not None:
-            return known.report  # the assignment came again: what is recorded stands
+            return known.report, None  # the assignment came again: what is recorded stands
         why = self._refuse_now(spec)
         if why is not None:
-            return self._refusal(spec, *why)
+            return self._refusal(spec, *why), None
         try:
             self.sandbox.admit(spec, self.slots)
         except Refusal as exc:
-            return self._refusal(spec, exc.reason, str(exc))
+            return self._refusal(spec, exc.reason, str(exc)), None
         status = JobStatus(node=self.node, job=spec.job, attempt=spec.attempt,
                            state=JobState.ACCEPTED, at=wall)
         try:
             taken = self.ledger.accept(spec, status)
         except LedgerConflict as exc:
-            return self._refusal(spec, Reason(exc.reason), str(exc))
+            return self._refusal(spec, Reason(exc.reason), str(exc)), None
         if not taken.new:
-            return taken.entry.report  # the assignment came twice; what we know stands
-        self.stats.accepted += 1
+            return taken.entry.report, None  # twice in one assignment: what is recorded stands
         job = _Job(spec, Phase.QUEUED, now, self._next_order(), now + spec.lease_s,
                    taken.entry.report.seq, next_heartbeat=now + self._heartbeat_s(spec))
-        self._jobs[spec.key] = job
-        self.step(now)
-        return taken.entry.report
+        return taken.entry.report, job
 
     def cancel(self, job_id: str) -> JobStatus | None:
         """The fleet cancels ``job_id``: its process tree is killed; the cancelled status (or,
@@ -375,42 +398,66 @@ class JobScheduler:
 
     def _carry_out(self, decision: PolicyDecision, now: float) -> bool:
         failed = False
-        for action in decision.actions:
-            job = self._jobs.get((action.job_id, action.attempt))
-            if job is None:
-                continue
-            if isinstance(action, Return):
-                self._end(job, JobState.RETURNED, Reason(action.reason.value),
-                          _RETURN_DETAIL[action.reason], now)
-            elif isinstance(action, Suspend):
-                self._suspend(job, now)
+        starts: list[tuple[_Job, JobStatus, str]] = []
+        with self._batch():
+            # stops first, then the claims of the starts: all in one sync, committed before
+            # any process starts (a claim must be on disk before its process exists)
+            for action in decision.actions:
+                job = self._jobs.get((action.job_id, action.attempt))
+                if job is None:
+                    continue
+                if isinstance(action, Return):
+                    self._end(job, JobState.RETURNED, Reason(action.reason.value),
+                              _RETURN_DETAIL[action.reason], now)
+                elif isinstance(action, Suspend):
+                    self._suspend(job, now)
+            for action in decision.actions:
+                job = self._jobs.get((action.job_id, action.attempt))
+                if job is not None and isinstance(action, Start):
+                    token = new_token()
+                    claimed = self._claim(job, token)
+                    if claimed is None:
+                        failed = True
+                    else:
+                        starts.append((job, claimed, token))
         if decision.filler < self._filler_n:
             self._set_filler(decision.filler)  # pre-empted before the jobs start: no overlap
         for action in decision.actions:
             job = self._jobs.get((action.job_id, action.attempt))
-            if job is None:
-                continue
-            if isinstance(action, Start):
-                failed |= not self._start(job, now)
-            elif isinstance(action, Resume):
+            if job is not None and isinstance(action, Resume):
                 self._resume(job, now)
+        started: list[_Job] = []
+        for job, claimed, token in starts:
+            if self._start(job, claimed, token, now):
+                started.append(job)
+            else:
+                failed = True
+        if started:
+            # the leaders' pids (not synced: the token finds the run anyway)
+            with self.ledger.db.transaction():
+                for job in started:
+                    assert job.run is not None
+                    self.ledger.set_process(job.spec.job, job.spec.attempt, job.run.pid,
+                                            job.run.pid_start)
         if decision.filler > self._filler_n and not failed:
             self._set_filler(decision.filler)
         return failed
 
-    def _start(self, job: _Job, now: float) -> bool:
+    def _claim(self, job: _Job, token: str) -> JobStatus | None:
         spec = job.spec
-        token = new_token()
-        running = self._status(job, JobState.RUNNING)
-        claimed = self.ledger.claim(running, token)
+        claimed = self.ledger.claim(self._status(job, JobState.RUNNING), token)
         if claimed is None:
             # not startable per the ledger (it ran once and is not idempotent): never again
             entry = self.ledger.get(spec.job, spec.attempt)
             log.error("jobs: %s#%d is %s in the ledger; not started", spec.job, spec.attempt,
                       entry.state.value if entry else "missing")
             self._jobs.pop(job.key, None)
-            return False
+            return None
         job.seq = claimed.seq
+        return claimed
+
+    def _start(self, job: _Job, claimed: JobStatus, token: str, now: float) -> bool:
+        spec = job.spec
         try:
             job.run = self.sandbox.start(spec, token)
         except (Refusal, SandboxError) as exc:
@@ -421,11 +468,10 @@ class JobScheduler:
                 Reason.NOT_ALLOWED, Reason.TOO_BIG, Reason.SANDBOX_ERROR) else JobState.FAILED
             self._finish(job, state, exc.reason, str(exc), now)
             return False
-        self.ledger.set_process(spec.job, spec.attempt, job.run.pid, job.run.pid_start)
         job.phase, job.since = Phase.RUNNING, now
         job.next_heartbeat = now + self._heartbeat_s(spec)
         self.stats.started += 1
-        self._reports.append(claimed)
+        self._report(claimed)
         return True
 
     def _suspend(self, job: _Job, now: float) -> None:
@@ -451,12 +497,38 @@ class JobScheduler:
         return self._finish(job, state, reason, detail, now)
 
     def _reap(self, now: float) -> None:
+        ended: list[tuple[_Job, Outcome]] = []
         for job in list(self._jobs.values()):
             if job.run is None:
                 continue
             outcome = job.run.poll(now)  # enforces the timeout too
             if outcome is not None:
-                self._finish_run(job, outcome)
+                ended.append((job, outcome))
+        if ended:
+            with self._batch():  # the results of one step: one sync
+                for job, outcome in ended:
+                    self._finish_run(job, outcome)
+
+    @contextmanager
+    def _batch(self) -> Iterator[None]:
+        """The ledger writes inside are one durable transaction (one sync); the reports they
+        produce are published only once it committed. Nested use joins the outer batch."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = []
+        try:
+            with self.ledger.db.transaction(durable=True):
+                yield
+            self._reports.extend(self._pending)
+        finally:
+            self._pending = None
+
+    def _report(self, status: JobStatus) -> None:
+        if self._pending is not None:
+            self._pending.append(status)
+        else:
+            self._reports.append(status)
 
     def _finish_run(self, job: _Job, o: Outcome) -> JobStatus:
         status = self._status(job, o.state, exit_code=o.exit_code, signal=o.signal,
@@ -484,7 +556,7 @@ class JobScheduler:
                    JobState.RETURNED: "returned", JobState.CANCELLED: "cancelled"}
         name = counter[status.state]
         setattr(self.stats, name, getattr(self.stats, name) + 1)
-        self._reports.append(recorded)
+        self._report(recorded)
         log.info("jobs: %s#%d %s%s", status.job, status.attempt, status.state.value,
                  f" ({status.reason}: {status.detail})" if status.reason else "")
         return recorded
@@ -492,7 +564,7 @@ class JobScheduler:
     def _record(self, job: _Job, state: JobState) -> None:
         recorded = self.ledger.record(self._status(job, state))
         job.seq = recorded.seq
-        self._reports.append(recorded)
+        self._report(recorded)
 
     def _status(self, job: _Job, state: JobState, **extra: Any) -> JobStatus:
         run = job.run
