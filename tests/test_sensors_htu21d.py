@@ -10,23 +10,13 @@ from qrad_agent.sensors.base import CrcError, SensorError, WrongChip, sensirion_
 from qrad_agent.sensors.htu21d import HTU21D, HUMIDITY_WAIT_S, TEMPERATURE_WAIT_S
 from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.chips.htu21d import HTU21DChip
+from tests.sim_clock import SimClock
 
 ADDR = 0x40
 
 
-class Clock:
-    """Simulated time: the driver's sleep advances what the chip's clock reads."""
-
-    def __init__(self) -> None:
-        self.now = 3.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+class Clock(SimClock):
+    start = 3.0
 
 
 class Recording(HTU21DChip):

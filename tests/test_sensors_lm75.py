@@ -12,16 +12,9 @@ from qrad_agent.sensors import base
 from qrad_agent.sensors.lm75 import LM75, LM75A
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.lm75 import CONVERSION_S, LM75AChip, LM75Chip
+from tests.sim_clock import SimClock as Clock
 
 ADDR = 0x4A
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fixed_word(cls: type[LM75], word: int) -> LM75:

@@ -12,16 +12,9 @@ from qrad_agent.sensors.base import SensorError, WrongChip, swap16
 from qrad_agent.sensors.mcp9808 import MCP9808
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.mcp9808 import CONVERSION_S, MCP9808Chip
+from tests.sim_clock import SimClock as Clock
 
 ADDR = 0x18
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fixed(ambient: bytes, manufacturer: int = 0x0054, device: int = 0x0400) -> MCP9808:

@@ -10,23 +10,13 @@ from qrad_agent.sensors.base import CrcError, SensorError, WrongChip, sensirion_
 from qrad_agent.sensors.sht3x import MEASURE_WAIT_S, SHT3x, checked_words
 from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.chips.sht3x import SHT3xChip
+from tests.sim_clock import SimClock
 
 ADDR = 0x44
 
 
-class Clock:
-    """Simulated time: the driver's sleep advances what the chip's clock reads."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+class Clock(SimClock):
+    start = 100.0
 
 
 class Recording(SHT3xChip):

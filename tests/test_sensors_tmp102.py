@@ -11,16 +11,9 @@ from smbus2 import i2c_msg
 from qrad_agent.sensors.tmp102 import TMP102
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.tmp102 import TMP102Chip
+from tests.sim_clock import SimClock as Clock
 
 ADDR = 0x48
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fixed_word(word: int) -> TMP102:
