@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from qrad_agent import __version__
+from qrad_agent.cli_args import number, show_config_error
 from qrad_agent.config import AgentConfig, ConfigError, json_schema, load_config
+
+_positive = number(float, "a number", above=0)
+_port = number(int, "a port number", at_least=1, at_most=65535)
+
 
 if TYPE_CHECKING:
     from qrad_agent.agent import Agent
@@ -31,9 +36,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     try:
         load_config(args.file)
     except ConfigError as exc:
-        print(f"{exc.source}: invalid configuration", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        show_config_error(exc)
         return 1
     print(f"{args.file}: ok")
     return 0
@@ -199,26 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from qrad_agent.ops.logging import configure
 
@@ -227,9 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:  # also an unusable scenario file
-        print(f"{exc.source}: cannot be used", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        show_config_error(exc)
         return 1
     except KeyboardInterrupt:
         return 130

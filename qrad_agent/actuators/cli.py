@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import signal
@@ -34,6 +33,7 @@ from typing import Any, TextIO
 
 from qrad_agent.actuators import RESTORE_FILE, open_levers
 from qrad_agent.actuators.base import Lever, LeverError, LeverInfo
+from qrad_agent.cli_args import number
 from qrad_agent.config import AgentConfig, SimConfig, load_config
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -45,6 +45,8 @@ from qrad_agent.metering.model import (
     load_fitted,
     save_fitted,
 )
+
+_seconds = number(float, "a number of seconds", above=0, at_most=3600, unit=" s")
 
 SIM_STEP_S = 0.5  # virtual time step at which the simulated board's energy is counted
 SIM_NOISE_W = 0.3  # spread of the simulated RAPL figures
@@ -558,16 +560,6 @@ def cmd_calibrate(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     path = save_fitted(state_dir, fitted, source, points)
     print(f"stored in {path}", file=out)
     return 0
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 3600 s, got {text}")
-    return value
 
 
 def _points(text: str) -> int:

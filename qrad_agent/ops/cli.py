@@ -17,9 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from qrad_agent.cli_args import number, show_config_error
 from qrad_agent.config import ConfigError, load_config
 from qrad_agent.ops.settings import OpsConfig
 from qrad_agent.ops.status_server import StatusUnavailable, fetch_status
+
+_positive = number(float, "a number", above=0)
+_count = number(int, "a whole number", at_least=0)
+
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -291,9 +296,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         try:
             cfg = load_config(args.config) if args.config else AgentConfig()
         except ConfigError as exc:
-            print(f"{exc.source}: invalid configuration", file=sys.stderr)
-            for line in exc.problems:
-                print(f"  {line}", file=sys.stderr)
+            show_config_error(exc)
             return EXIT_USAGE
         with sim_board(cfg, problems, socket_path) as (board, sim_cfg):
             findings = run_checks(args.config, board, cfg=sim_cfg)
@@ -330,30 +333,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qrad-agent: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
     except ConfigError as exc:
-        print(f"{exc.source}: invalid configuration", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        show_config_error(exc)
         return EXIT_USAGE
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

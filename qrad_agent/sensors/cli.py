@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from qrad_agent.cli_args import number, show_config_error
 from qrad_agent.config import AgentConfig, ConfigError, SensorConfig, load_config
 from qrad_agent.core.fusion import fuse_room
 from qrad_agent.core.models import Quality, Reading
@@ -78,6 +79,10 @@ from qrad_agent.sensors.mcp9808 import MCP9808
 from qrad_agent.sensors.sht3x import SHT3x
 from qrad_agent.sensors.sht4x import SHT4x
 from qrad_agent.sysfs import Sysfs
+
+_positive = number(float, "a number of seconds", above=0, unit=" seconds")
+_count = number(int, "a whole number", at_least=1)
+
 
 Sleep = Callable[[float], None]
 
@@ -637,9 +642,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config) if args.config else AgentConfig()
     except ConfigError as exc:
-        print(f"{exc.source}: invalid configuration", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        show_config_error(exc)
         return EXIT_USAGE
     source = args.config or "the built-in default config"
     with contextlib.ExitStack() as stack:
@@ -676,16 +679,6 @@ def cmd_read(args: argparse.Namespace) -> int:
     return code
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {text}")
-    return value
-
-
 def _bus_number(text: str) -> int:
     try:
         value = int(text, 0)
@@ -693,16 +686,6 @@ def _bus_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bus number (0-255)") from None
     if not 0 <= value <= 255:
         raise argparse.ArgumentTypeError(f"bus number must be 0-255, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
     return value
 
 
