@@ -68,6 +68,10 @@ class Agent:
         self.power: PowerChooser | None = None
         self.energy: EnergyAccumulator | None = None
         self.last_power: PowerReading | None = None
+        # the fleet connection's parts (connect.py), for the status snapshot: anything here
+        # with a status() shows in `qrad-agent status`
+        self.link_bridge: Any = None
+        self.jobs_bridge: Any = None
         self.events: deque[SafetyEvent] = deque(maxlen=EVENTS_KEPT)
         self._next_poll = float("-inf")
         self._next_tick = float("-inf")

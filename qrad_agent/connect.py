@@ -78,7 +78,7 @@ def connect_fleet(
     bridge = LinkBridge(agent, link, base_cfg=cfg)
     jobs = attach_jobs(agent, cfg, link, state_dir, link_bridge=bridge)  # before the link starts
     # the status snapshot shows any of these that has a status()
-    agent.link_bridge = bridge  # type: ignore[attr-defined]
-    agent.jobs_bridge = jobs  # type: ignore[attr-defined]
+    agent.link_bridge = bridge
+    agent.jobs_bridge = jobs
     bridge.start(now, local)
     return FleetConnection(link, bridge, jobs)

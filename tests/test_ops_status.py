@@ -314,7 +314,7 @@ def test_jobs_and_link_parts_appear_once_the_agent_has_them(
         agent.service(0.0, datetime(2027, 1, 4, 8))
         view = agent_view(agent, world)
         assert view["jobs"] == [] and view["link"] == {"state": "not configured"}
-        agent.jobs_bridge = Part({"running": ["j1"], "suspended": [], "queued": ["j2"],  # type: ignore[attr-defined]
+        agent.jobs_bridge = Part({"running": ["j1"], "suspended": [], "queued": ["j2"],
                                   "slots": 2})
         agent.link = Part(RuntimeError("socket closed"))  # type: ignore[attr-defined]
         view = agent_view(agent, world)
