@@ -74,8 +74,19 @@ def agent_main(conf_text: str) -> None:
         "control": base.control.model_copy(update={"sensor_period_s": 10.0}),
         "jobs": JobsConfig.model_validate(c["jobs"]),
     })
-    agent, world = build_sim_agent(cfg, load_scenario("winter-week"))
-    # a cold room that stays cold: heat (and so work) is wanted for the whole test
+    scenario = load_scenario("winter-week")
+    if c.get("cores"):  # a smaller board: fewer slots
+        scenario = scenario.model_copy(update={
+            "radiator": scenario.radiator.model_copy(update={"cores": int(c["cores"])})})
+    agent, world = build_sim_agent(cfg, scenario)
+    if c.get("filler_lever"):
+        # worker slots as on a board (next to the simulated heat source), so that the
+        # scheduler takes them over and runs the configured filler in them
+        from qrad_agent.actuators.workers import WorkerSlots
+
+        at = agent.levers.index(world.slots) + 1
+        agent.levers.insert(at, WorkerSlots(cfg.actuators.workers))
+    # a cold room that stays cold: heat (and so work) is wanted until a command says otherwise
     agent.controller.set_override(28.0, world.t, 7 * 86400.0)
     wake = threading.Event()
     link = FleetLink(LinkConfig.model_validate(c["link"]), c["node"], open_store(state),
@@ -104,7 +115,7 @@ class AgentProc:
                  env: JobEnv) -> None:
         self.node = node
         self.log = tmp / f"{node}.log"
-        self.conf = {
+        self.conf: dict[str, Any] = {
             "node": node, "state": str(tmp / f"state-{node}"), "log": str(self.log),
             "link": {
                 "enabled": True,
@@ -346,3 +357,189 @@ def test_forged_replayed_expired_misaddressed_and_bad_specs_are_refused(
         fleet.close()
     # nothing of the refused ones reached the ledger
     assert os.path.exists(tmp_path / "state-rad-x")
+
+
+# a job that marks its start and its end; attempt 1 runs argv[2] seconds, later ones argv[3]
+TIMED_CODE = (
+    "import os, sys, time\n"
+    "d, j, a = sys.argv[1], os.environ['QRAD_JOB_ID'], os.environ['QRAD_JOB_ATTEMPT']\n"
+    "open(f'{d}/{j}.{a}.{os.getpid()}.start', 'x').close()\n"
+    "time.sleep(float(sys.argv[2] if a == '1' else sys.argv[3]))\n"
+    "open(f'{d}/{j}.{a}.{os.getpid()}.done', 'x').close()\n"
+)
+
+
+def timed_spec(env: JobEnv, job: str, first_s: float, later_s: float,
+               priority: str = "low") -> JobSpec:
+    return parse_spec({"job": job, "priority": priority,
+                       "argv": [env.python, "-c", TIMED_CODE, str(env.shared), str(first_s),
+                                str(later_s)],
+                       "timeout_s": 300.0, "lease_s": 6.0})
+
+
+def started(env: JobEnv, job: str, attempt: int) -> list[int]:
+    """Pids of the runs of ``job``'s ``attempt`` that have started."""
+    return [int(p.name.split(".")[2]) for p in env.shared.glob(f"{job}.{attempt}.*.start")]
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def test_rooms_warming_up_jobs_suspended_then_returned_and_placed_on_a_colder_radiator(
+    tmp_path: Path, broker: Broker, job_env: JobEnv
+) -> None:
+    from qrad_agent.fleet.keys import sign_command
+
+    dkey, okey = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    grace_s = 2.0
+    warm = AgentProc(tmp_path, "rad-w", broker, [dkey, okey], job_env)
+    warm.conf["jobs"]["grace_s"] = grace_s
+    cold = AgentProc(tmp_path, "rad-c", broker, [dkey, okey], job_env)
+    disp = Dispatcher(BrokerConfig(broker.host, broker.port), tmp_path / "fleet.db", dkey,
+                      retry_after_s=0.2, tick_s=0.2)
+    logs = [p for a in (warm, cold) for p in (a.log, a.log.with_suffix(".err"))]
+    watcher = FleetClient(broker.host, broker.port, "watcher")
+    jobs = ("warm0", "warm1", "warm2")
+    try:
+        watcher.subscribe("qrad/v1/nodes/+/jobs/+/status", "qrad/v1/nodes/rad-w/cmd/result")
+        disp.start()
+        assert disp.connected.wait(5)
+        # attempt 1 would run for minutes; a later attempt is short
+        disp.queue.submit_many([timed_spec(job_env, j, 120.0, 0.3) for j in jobs])
+        warm.start()
+        wait_until(lambda: all(started(job_env, j, 1) for j in jobs), 30,
+                   "all three jobs running on rad-w", logs)
+        for j in jobs:
+            fj = disp.queue.get(j)
+            assert fj is not None and fj.node == "rad-w" and fj.attempt == 1
+        first = {j: started(job_env, j, 1)[0] for j in jobs}
+        cold.start()  # asks for work; nothing is queued yet
+
+        # the room of rad-w is warm enough now: a signed override far below its air
+        env = sign_command(okey, "rad-w", {"cmd": "override", "target_c": 7.0,
+                                           "duration_s": 7 * 86400.0})
+        watcher.publish("qrad/v1/nodes/rad-w/cmd/override", json.dumps(env))
+        res = watcher.expect("qrad/v1/nodes/rad-w/cmd/result", 10)
+        assert json.loads(res.payload)["status"] == "ok", res.payload
+
+        def of(node: str, job: str, state: str) -> Callable[[], bool]:
+            def seen() -> bool:
+                return any(r.topic == f"qrad/v1/nodes/{node}/jobs/{job}/status"
+                           and json.loads(r.payload)["state"] == state
+                           for r in list(watcher.history))
+            return seen
+
+        for j in jobs:
+            wait_until(of("rad-w", j, "suspended"), 15, f"{j} suspended on rad-w", logs)
+        suspended_at = {j: min(r.at for r in watcher.history
+                               if r.topic == f"qrad/v1/nodes/rad-w/jobs/{j}/status"
+                               and json.loads(r.payload)["state"] == "suspended")
+                        for j in jobs}
+        # suspended, not killed: the processes are stopped while the grace runs
+        for j in jobs:
+            assert proc_state(first[j]) == "T", (j, proc_state(first[j]))
+            assert not any(job_env.shared.glob(f"{j}.*.done"))
+
+        for j in jobs:
+            wait_until(of("rad-w", j, "returned"), 15, f"{j} returned by rad-w", logs)
+            r = next(r for r in watcher.history
+                     if r.topic == f"qrad/v1/nodes/rad-w/jobs/{j}/status"
+                     and json.loads(r.payload)["state"] == "returned")
+            st = json.loads(r.payload)
+            assert (st["attempt"], st["reason"]) == (1, "no_heat"), st
+            # not before the grace period was over
+            assert r.at - suspended_at[j] >= grace_s - 0.3, (j, r.at - suspended_at[j])
+        wait_until(lambda: not any(alive(p) for p in first.values()), 10,
+                   "the first attempts killed", logs)
+
+        # the fleet places them again: on the radiator that still wants heat
+        wait_until(lambda: disp.queue.counts() == {"succeeded": 3}, 20,
+                   f"three jobs succeeded ({disp.queue.counts()})", logs)
+        for j in jobs:
+            fj = disp.queue.get(j)
+            assert fj is not None and fj.result is not None
+            assert (fj.result.node, fj.result.attempt) == ("rad-c", 2), fj.result
+        time.sleep(0.5)
+        done = marks(job_env)
+        assert {j: done[j] for j in jobs} == dict.fromkeys(jobs, 1)
+        assert not any(job_env.shared.glob("*.1.*.done"))  # no first attempt finished
+        assert all(len(started(job_env, j, 1)) == 1 for j in jobs)
+    finally:
+        for a in (warm, cold):
+            a.stop()
+        disp.stop()
+        watcher.close()
+
+
+def burners(pid: int) -> list[int]:
+    """The built-in burner processes (filler) below the agent process ``pid``."""
+    import psutil
+
+    from qrad_agent.actuators.workers import BURN
+
+    out = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for p in children:
+        try:
+            if str(BURN) in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_filler_runs_while_the_queue_is_empty_and_gives_its_slot_to_real_work(
+    tmp_path: Path, broker: Broker, job_env: JobEnv
+) -> None:
+    dkey = Ed25519PrivateKey.generate()
+    agent = AgentProc(tmp_path, "rad-f", broker, [dkey], job_env)
+    agent.conf["jobs"]["filler"] = "burner"
+    agent.conf["filler_lever"] = True
+    agent.conf["cores"] = 2  # two slots: two burners, then one job and one burner
+    disp = Dispatcher(BrokerConfig(broker.host, broker.port), tmp_path / "fleet.db", dkey,
+                      retry_after_s=0.2, tick_s=0.2)
+    logs = [agent.log, agent.log.with_suffix(".err")]
+    try:
+        disp.start()
+        assert disp.connected.wait(5)
+        agent.start()
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        # heat is wanted and no job is there: filler in every slot
+        wait_until(lambda: len(burners(pid)) == 2, 20, "two burners running", logs)
+        time.sleep(1.0)  # it keeps asking for work meanwhile; nothing changes
+        before = burners(pid)
+        assert len(before) == 2 and disp.queue.counts() == {}
+
+        submitted = time.monotonic()
+        disp.queue.submit(timed_spec(job_env, "real", 3.0, 3.0, "high"))
+        wait_until(lambda: bool(started(job_env, "real", 1)), 10, "the job started", logs)
+        assert time.monotonic() - submitted < 3.0  # promptly: pulled at the next request
+        job_pid = started(job_env, "real", 1)[0]
+        # the filler gave up the slot the job took, and only that one
+        wait_until(lambda: len(burners(pid)) == 1, 3, "one burner stopped", logs)
+        left = burners(pid)
+        assert set(left) < set(before)
+        while alive(job_pid):  # never more than the plan's two slots busy
+            assert len(burners(pid)) <= 1
+            time.sleep(0.1)
+        wait_until(lambda: disp.queue.counts() == {"succeeded": 1}, 10, "the job succeeded",
+                   logs)
+        fj = disp.queue.get("real")
+        assert fj is not None and fj.result is not None and fj.result.node == "rad-f"
+        assert marks(job_env)["real"] == 1
+        # the slot is free again: the filler takes it back
+        wait_until(lambda: len(burners(pid)) == 2, 10, "filler back in both slots", logs)
+        last = burners(pid)
+        agent.stop()
+        assert not [b for b in last if alive(b)]  # a clean stop leaves no filler behind
+    finally:
+        agent.stop()
+        disp.stop()

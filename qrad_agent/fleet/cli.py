@@ -96,8 +96,9 @@ def cmd_dispatcher(args: argparse.Namespace) -> int:
 
 def _load_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.argv:
-        argv = args.argv[1:] if args.argv[0] == "--" else args.argv
-        return [{"argv": argv}]
+        if args.file:
+            raise ValueError("give a job file or -- ARGV..., not both")
+        return [{"argv": list(args.argv)}]
     if not args.file:
         raise ValueError("give a job file (JSON or TOML) or -- ARGV...")
     text = Path(args.file).read_text()
@@ -160,8 +161,44 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish_once(args: argparse.Namespace, topic: str, payload: str,
+                  timeout: float = 10.0) -> str | None:
+    """Connect, publish ``payload`` (QoS 1) and wait for the broker's PUBACK; None when done,
+    else what went wrong."""
+    import threading
+
+    from qrad_agent.fleet.dispatcher import connect_client
+
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+        connected.set()
+
+    c = connect_client(_broker(args), f"qrad-fleet-{uuid.uuid4().hex[:8]}",
+                       on_connect=on_connect)
+    try:
+        if not connected.wait(timeout):
+            return f"cannot connect to {args.broker} within {timeout:.0f} s"
+        if refused:
+            return f"the broker refused the connection: {refused[0]}"
+        info = c.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            return f"cannot publish on {topic}: {exc}"
+        if not info.is_published():
+            return f"the broker did not confirm the message on {topic} within {timeout:.0f} s"
+        return None
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from qrad_agent.fleet.dispatcher import Signer, connect_client
+    from qrad_agent.fleet.dispatcher import Signer
     from qrad_agent.fleet.queue import FleetQueue, QueueError
 
     q = FleetQueue.open(args.db)
@@ -177,12 +214,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"{args.job}: {state.value} (held by {node}); no --broker: the radiator was not "
               "told, the job ends when its lease lapses", file=sys.stderr)
         return 0
-    env = Signer(_key(args.key)).envelope(node, {"cmd": "cancel", "jobs": [args.job]})
-    c = connect_client(_broker(args), f"qrad-fleet-{uuid.uuid4().hex[:8]}")
-    info = c.publish(f"{args.prefix}/nodes/{node}/work/assign", json.dumps(env), qos=1)
-    info.wait_for_publish(10)
-    c.disconnect()
-    c.loop_stop()
+    try:
+        env = Signer(_key(args.key)).envelope(node, {"cmd": "cancel", "jobs": [args.job]})
+    except (OSError, ValueError) as exc:
+        print(f"qrad-fleet cancel: {exc}", file=sys.stderr)
+        return 1
+    error = _publish_once(args, f"{args.prefix}/nodes/{node}/work/assign", json.dumps(env))
+    if error is not None:
+        print(f"qrad-fleet cancel: {args.job}: {state.value}, but {node} was not told: {error}; "
+              "the job ends when its lease lapses", file=sys.stderr)
+        return 1
     print(f"{args.job}: {state.value}; {node} told to kill it")
     return 0
 
@@ -227,7 +268,6 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_cmd(args: argparse.Namespace) -> int:
-    from qrad_agent.fleet.dispatcher import connect_client
     from qrad_agent.fleet.keys import sign_command
 
     try:
@@ -247,11 +287,10 @@ def cmd_cmd(args: argparse.Namespace) -> int:
         return 1
     topic = (f"{args.prefix}/fleet/cmd/{args.name}" if args.all
              else f"{args.prefix}/nodes/{node}/cmd/{args.name}")
-    c = connect_client(_broker(args), f"qrad-fleet-{uuid.uuid4().hex[:8]}")
-    info = c.publish(topic, json.dumps(env), qos=1)
-    info.wait_for_publish(10)
-    c.disconnect()
-    c.loop_stop()
+    error = _publish_once(args, topic, json.dumps(env))
+    if error is not None:
+        print(f"qrad-fleet cmd: {error}", file=sys.stderr)
+        return 1
     print(f"sent {args.name} ({env['id']}) on {topic}; results on cmd/result")
     return 0
 
@@ -276,8 +315,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             print(f"{who:16} event {data.get('kind')}: {data.get('message')}", flush=True)
             return
         for s in data.get("samples", [])[-1:]:
+            jobs = s.get("jobs_running")  # left out by a radiator that does not count them
             print(f"{who:16} room {s.get('room_c')} target {s.get('target_c')} "
-                  f"power {s.get('power_w')} W jobs {s.get('jobs_running')}", flush=True)
+                  f"power {s.get('power_w')} W" + ("" if jobs is None else f" jobs {jobs}"),
+                  flush=True)
 
     c = connect_client(_broker(args), f"qrad-fleet-{uuid.uuid4().hex[:8]}",
                        on_message=on_message, on_connect=on_connect)
@@ -346,15 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a radiator waits after an empty answer")
     dp.set_defaults(func=cmd_dispatcher)
 
-    sb = sub.add_parser("submit", help="queue jobs: a JSON/TOML job file, or -- ARGV...")
+    sb = sub.add_parser("submit", help="queue jobs: a JSON/TOML job file, or -- ARGV...",
+                        usage="qrad-fleet submit --db DB [options] (FILE | -- ARGV...)")
     sb.add_argument("--db", required=True)
     sb.add_argument("file", nargs="?", help="job spec(s): an object, a list, or jobs = [...]")
     sb.add_argument("--count", type=int, default=1, help="this many copies (ids get -N)")
     sb.add_argument("--priority", choices=("high", "low", "background"))
     sb.add_argument("--id", help="job id (or stem of the ids)")
     sb.add_argument("--max-attempts", type=int, default=3)
-    sb.add_argument("argv", nargs=argparse.REMAINDER, help="-- program and arguments")
-    sb.set_defaults(func=cmd_submit)
+    # "-- ARGV...": split off in main() before parsing, so neither FILE nor the options
+    # can swallow any of it
+    sb.set_defaults(func=cmd_submit, argv=[])
 
     jb = sub.add_parser("jobs", help="list the queue")
     jb.add_argument("--db", required=True)
@@ -396,7 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    job_argv: list[str] | None = None
+    if "--" in given and "submit" in given[:given.index("--")]:
+        # submit's "-- ARGV...": everything after the first "--" is the job's argv
+        at = given.index("--")
+        job_argv = given[at + 1:]
+        args = parser.parse_args(given[:at])
+        if args.command != "submit":
+            job_argv = None
+            args = parser.parse_args(given)
+    else:
+        args = parser.parse_args(given)
+    if job_argv is not None:
+        if not job_argv:
+            parser.error("submit: nothing after --: give the program and its arguments")
+        args.argv = job_argv
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
