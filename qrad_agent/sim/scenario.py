@@ -282,7 +282,9 @@ class ScenarioError(ConfigError):
 
 
 def _scenarios_dir() -> Path:
-    return Path(qrad_agent.__file__).resolve().parents[1] / "scenarios"
+    # shipped inside the package so an installed agent has them; the repository's
+    # top-level scenarios/ is a link to this folder
+    return Path(qrad_agent.__file__).resolve().parent / "data" / "scenarios"
 
 
 def shipped_scenarios() -> list[str]:
