@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -228,3 +229,27 @@ def test_full_disk_degrades_telemetry_never_control(tmp_path: Path) -> None:
     assert link.outbox.stats().dropped_write_failed > 0
     assert max(demands) > 0.1  # it regulated: heat was asked for and planned
     world.close()
+
+
+def _open_and_migrate(path: str, barrier: Any) -> None:
+    from qrad_agent.store.db import Database
+
+    barrier.wait()  # every process opens the new file at the same moment
+    Database(path).migrate("race", ["CREATE TABLE t1 (x INTEGER)",
+                                    "CREATE TABLE t2 (y INTEGER)"])
+
+
+def test_processes_opening_one_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # the dispatcher and `qrad-fleet submit` share one queue file: opening it (WAL switch)
+    # and migrating it must not fail for whoever comes second
+    import multiprocessing as mp
+
+    for round_ in range(8):
+        path = str(tmp_path / f"q{round_}.db")
+        barrier = mp.Barrier(4)
+        procs = [mp.Process(target=_open_and_migrate, args=(path, barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"

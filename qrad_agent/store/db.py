@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -45,7 +46,7 @@ class Database:
             self.conn = sqlite3.connect(
                 self.path, timeout=5.0, isolation_level=None, check_same_thread=False
             )
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(self.conn)
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute(
@@ -115,6 +116,14 @@ class Database:
         if current == len(steps):
             return current
         with self.transaction(durable=True) as conn:
+            # read again under the write lock: another process (the dispatcher and a
+            # `qrad-fleet submit` on one queue) may have migrated since the first look
+            row = conn.execute(
+                "SELECT version FROM migrations WHERE component = ?", (component,)
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            if current >= len(steps):
+                return current
             for step in steps[current:]:
                 for statement in _statements(step):
                     conn.execute(statement)
@@ -128,6 +137,21 @@ class Database:
     def close(self) -> None:
         with self._lock, suppress(sqlite3.Error):
             self.conn.close()
+
+
+def _switch_to_wal(conn: sqlite3.Connection, wait_s: float = 5.0) -> None:
+    """WAL mode. Switching a new database needs it alone for an instant, and SQLite does not
+    wait for that with its busy timeout: two processes opening one new file (the dispatcher
+    and `qrad-fleet submit`) would see "database is locked". Retry for a few seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _statements(script: str) -> list[str]:
