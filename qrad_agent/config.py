@@ -393,17 +393,23 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
         raise ConfigError(source, describe_errors(exc)) from None
 
 
+def read_toml(path: Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A TOML file's content, or ``error`` saying why the file cannot be read as TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise error(str(path), [
+            f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(str(path), [f"not valid TOML: {exc}"]) from None
+
+
 def load_config(path: Path | str) -> AgentConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path), str(path))
 
 
 def json_schema() -> dict[str, Any]:

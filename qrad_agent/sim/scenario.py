@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import re
-import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,7 +25,13 @@ from pydantic import (
 )
 
 import qrad_agent
-from qrad_agent.config import ComfortPeriod, ConfigError, describe_errors, parse_days
+from qrad_agent.config import (
+    ComfortPeriod,
+    ConfigError,
+    describe_errors,
+    parse_days,
+    read_toml,
+)
 from qrad_agent.sim.room import Room2R2C, RoomParams
 from qrad_agent.sim.weather import Weather, WeatherParams
 
@@ -321,14 +326,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     """Load a scenario TOML by path, or a shipped scenario by name ("winter-week")."""
     path = _resolve(name_or_path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ScenarioError(source, [f"cannot read the file: {exc.strerror}"]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(source, [f"not valid TOML: {exc}"]) from None
+    data = read_toml(path, ScenarioError)
     if "source_path" in data:
         raise ScenarioError(source, ["source_path: set by the loader; remove it from the file"])
     try:
