@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qrad_agent.config import AgentConfig, ConfigError, load_config, parse_config
@@ -56,11 +56,15 @@ def test_any_document_is_a_config_or_a_named_error(doc: dict[str, Any]) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
+@example(b"\x80")  # not UTF-8: once a traceback
+@example(b"\r")  # a lone CR: TOML refuses it, universal newlines make it a line end
+@example(b"[pid]\nkp = 1e999\n")
 def test_any_bytes_in_the_file_are_refused_cleanly(tmp_path_factory: Any, data: bytes) -> None:
     path = Path(tmp_path_factory.mktemp("cfg")) / "agent.toml"
     path.write_bytes(data)
     try:
-        text = data.decode("utf-8")
+        # read as the loader reads (universal newlines: a lone CR is a line end there)
+        text = path.read_text(encoding="utf-8")
         tomllib.loads(text)
         parsed_ok = True
     except (UnicodeDecodeError, tomllib.TOMLDecodeError):
