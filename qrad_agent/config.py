@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qrad_agent.actuators.settings import (
     CgroupConfig,
@@ -23,13 +23,10 @@ from qrad_agent.jobs.settings import JobsConfig
 from qrad_agent.link.settings import LinkConfig
 from qrad_agent.ops.settings import OpsConfig
 from qrad_agent.safety_settings import AutotuneConfig, SafetyConfig
+from qrad_agent.section import Section
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class NodeConfig(Section):

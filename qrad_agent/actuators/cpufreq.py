@@ -29,7 +29,7 @@ from typing import Any
 
 from qrad_agent.actuators.base import LeverError as LeverError  # also imported from here
 from qrad_agent.actuators.base import LeverInfo
-from qrad_agent.actuators.restore import RestoreRecord, put_back
+from qrad_agent.actuators.restore import RestoreRecord, put_back, remember_originals
 from qrad_agent.core.models import Plan
 from qrad_agent.sysfs import Sysfs
 
@@ -92,18 +92,7 @@ class _LimitLever:
     def _remember(self, rels: list[str]) -> None:
         """Save the live values of ``rels`` as originals before the first write."""
         values = {rel: self._read(rel) for rel in rels if self._sysfs.exists(rel)}
-        if self._record is not None:
-            try:
-                self._record.remember_all(self.name, values)
-            except OSError as exc:
-                raise LeverError(
-                    f"cannot save the original settings to {self._record.path}: {exc}; "
-                    "nothing was changed"
-                ) from exc
-            self._originals = self._record.originals(self.name)
-        else:
-            for rel, value in values.items():
-                self._originals.setdefault(rel, value)
+        self._originals = remember_originals(self._record, self.name, values, self._originals)
 
     def _set_limits(self, d: str, new_max: int, new_min: int, cur_min: int) -> None:
         """Move the pair in ``d`` so that min never ends above max, whichever way it goes."""

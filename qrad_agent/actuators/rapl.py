@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qrad_agent.actuators.base import LeverError, LeverInfo
-from qrad_agent.actuators.restore import RestoreRecord, put_back
+from qrad_agent.actuators.restore import RestoreRecord, put_back, remember_originals
 from qrad_agent.actuators.settings import RaplLimitConfig
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -243,18 +243,9 @@ class RaplLimitLever:
 
     def _remember(self, rels: list[str]) -> None:
         values = {rel: str(self._read_int(rel)) for rel in rels}
-        if self._record is not None:
-            try:
-                self._record.remember_all(self.name, values)
-            except OSError as exc:
-                raise LeverError(
-                    f"cannot save the original power limits to {self._record.path}: {exc}; "
-                    "nothing was changed"
-                ) from exc
-            self._originals = self._record.originals(self.name)
-        else:
-            for rel, value in values.items():
-                self._originals.setdefault(rel, value)
+        self._originals = remember_originals(
+            self._record, self.name, values, self._originals, "power limits"
+        )
 
     def _put_back(self, values: dict[str, str]) -> None:
         errors = []

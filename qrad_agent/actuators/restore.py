@@ -159,6 +159,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remember_originals(
+    record: RestoreRecord | None, lever: str, values: Mapping[str, str],
+    held: dict[str, str], what: str = "settings",
+) -> dict[str, str]:
+    """Save ``values`` as ``lever``'s originals before its first write: in the record when
+    there is one (durably: a crash must not lose them), else in ``held``. Returns the
+    originals in force. A record that cannot be written stops the change (``LeverError``)."""
+    from qrad_agent.actuators.base import LeverError
+
+    if record is None:
+        for key, value in values.items():
+            held.setdefault(key, value)
+        return held
+    try:
+        record.remember_all(lever, values)
+    except OSError as exc:
+        raise LeverError(
+            f"cannot save the original {what} to {record.path}: {exc}; nothing was changed"
+        ) from exc
+    return record.originals(lever)
+
+
 def put_back(
     record: RestoreRecord | None,
     lever: str,

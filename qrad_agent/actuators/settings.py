@@ -16,13 +16,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class Section(BaseModel):
-    # as config.Section; not imported from there, so that config.py can import this module
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from qrad_agent.section import Section
 
 _CGROUP_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 

@@ -12,19 +12,15 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from qrad_agent.core.jobs import PolicyConfig
+from qrad_agent.section import Section
 
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
 _ENV_PATTERN = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]{0,127}$")
 # set by the sandbox for every job; a job's own environment may not replace them
 RESERVED_ENV = ("PATH", "HOME", "TMPDIR", "PWD", "USER", "LOGNAME", "SHELL", "LANG")
-
-
-class Section(BaseModel):
-    # as config.Section; not imported from there, so that config.py can import this module
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class JobsConfig(Section):

@@ -13,13 +13,11 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from qrad_agent.section import Section as _Section
 
 _TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TlsConfig(_Section):

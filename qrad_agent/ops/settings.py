@@ -13,14 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from qrad_agent.section import Section as _Section
 
 DEFAULT_STATUS_SOCKET = Path("/run/qrad-agent/status.sock")  # systemd RuntimeDirectory
 DEFAULT_METRICS_PORT = 9810
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def sim_status_socket() -> Path:
