@@ -10,7 +10,7 @@ from qrad_agent.sensors.base import CrcError, SensorError, WrongChip, sensirion_
 from qrad_agent.sensors.htu21d import HTU21D, HUMIDITY_WAIT_S, TEMPERATURE_WAIT_S
 from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
 from qrad_agent.sim.chips.htu21d import HTU21DChip
-from tests.sim_clock import SimClock
+from tests.chip_rig import SimClock
 
 ADDR = 0x40
 

@@ -12,7 +12,7 @@ from qrad_agent.sensors import base
 from qrad_agent.sensors.lm75 import LM75, LM75A
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.lm75 import CONVERSION_S, LM75AChip, LM75Chip
-from tests.sim_clock import SimClock as Clock
+from tests.chip_rig import SimClock as Clock
 
 ADDR = 0x4A
 

@@ -12,7 +12,7 @@ from qrad_agent.sensors.base import SensorError, WrongChip, swap16
 from qrad_agent.sensors.mcp9808 import MCP9808
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.mcp9808 import CONVERSION_S, MCP9808Chip
-from tests.sim_clock import SimClock as Clock
+from tests.chip_rig import SimClock as Clock
 
 ADDR = 0x18
 

@@ -8,9 +8,9 @@ import pytest
 
 from qrad_agent.sensors.base import CrcError, SensorError, WrongChip, sensirion_crc8
 from qrad_agent.sensors.sht3x import MEASURE_WAIT_S, SHT3x, checked_words
-from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
+from qrad_agent.sim.chips.bus import EmulatedBus
 from qrad_agent.sim.chips.sht3x import SHT3xChip
-from tests.sim_clock import SimClock
+from tests.chip_rig import FixedAnswer, SimClock
 
 ADDR = 0x44
 
@@ -27,20 +27,6 @@ class Recording(SHT3xChip):
     def i2c_write(self, data: bytes) -> None:
         self.writes.append(data)
         super().i2c_write(data)
-
-
-class FixedAnswer(EmulatedChip):
-    """Accepts any command and answers with the given bytes: for words the model cannot make."""
-
-    def __init__(self, answer: bytes) -> None:
-        super().__init__()
-        self.answer = answer
-
-    def i2c_write(self, data: bytes) -> None:
-        pass
-
-    def i2c_read(self, length: int) -> bytes:
-        return self.answer[:length]
 
 
 def rig(temperature_c: float = 21.0, humidity_pct: float = 45.0):

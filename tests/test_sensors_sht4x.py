@@ -8,9 +8,9 @@ import pytest
 
 from qrad_agent.sensors.base import CrcError, SensorError, WrongChip, sensirion_crc8
 from qrad_agent.sensors.sht4x import MEASURE_WAIT_S, SERIAL_WAIT_S, SHT4x
-from qrad_agent.sim.chips.bus import EmulatedBus, EmulatedChip
+from qrad_agent.sim.chips.bus import EmulatedBus
 from qrad_agent.sim.chips.sht4x import SHT4xChip
-from tests.sim_clock import SimClock
+from tests.chip_rig import FixedAnswer, SimClock
 
 ADDR = 0x44
 
@@ -27,18 +27,6 @@ class Recording(SHT4xChip):
     def i2c_write(self, data: bytes) -> None:
         self.writes.append(data)
         super().i2c_write(data)
-
-
-class FixedAnswer(EmulatedChip):
-    def __init__(self, answer: bytes) -> None:
-        super().__init__()
-        self.answer = answer
-
-    def i2c_write(self, data: bytes) -> None:
-        pass
-
-    def i2c_read(self, length: int) -> bytes:
-        return self.answer[:length]
 
 
 def rig(temperature_c: float = 21.0, humidity_pct: float = 45.0):

@@ -11,7 +11,7 @@ from smbus2 import i2c_msg
 from qrad_agent.sensors.tmp102 import TMP102
 from qrad_agent.sim.chips.bus import EmulatedBus, RegisterChip
 from qrad_agent.sim.chips.tmp102 import TMP102Chip
-from tests.sim_clock import SimClock as Clock
+from tests.chip_rig import SimClock as Clock
 
 ADDR = 0x48
 
