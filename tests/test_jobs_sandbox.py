@@ -14,6 +14,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,7 @@ def box(request: pytest.FixtureRequest, job_env: JobEnv) -> Iterator[Sandbox]:
         cg = make_cgroup(request.getfixturevalue("cgroup_parent"))
     sandbox = Sandbox(job_env.config(max_processes=24), job_env.work, cg)
     yield sandbox
+    sandbox.close()
     if cg is not None:
         with contextlib.suppress(LeverError):  # a failed test may leave a job; the parent's
             cg.release()                        # fixture removes what is left
@@ -506,3 +508,22 @@ def _reap(pid: int) -> bool:
         return bool(done)
     except ChildProcessError:
         return False
+
+
+def test_a_job_whose_spawner_died_ends_interrupted_and_the_next_job_runs(
+        box: Sandbox, job_env: JobEnv) -> None:
+    """The spawner (the jobs' parent) is killed: the running job goes on, but its exit status
+    is lost with it; once it ends it is reported failed, ``interrupted`` (the fleet runs it
+    again), and the next job starts under a new spawner."""
+    run = box.start(py_job(job_env, "orphaned", "import time; time.sleep(30)"))
+    spawner_pid = box.spawner.pid
+    assert spawner_pid is not None
+    os.kill(spawner_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert run.poll() is None and alive(run.pid)
+    os.kill(run.pid, signal.SIGKILL)
+    o = finish(run)
+    assert (o.state, o.reason) == (JobState.FAILED, Reason.INTERRUPTED)
+    assert "spawner" in (o.detail or "")
+    after = finish(box.start(py_job(job_env, "next", "print('ok')")))
+    assert after.state is JobState.SUCCEEDED and box.spawner.pid not in (None, spawner_pid)

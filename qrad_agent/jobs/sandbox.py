@@ -31,11 +31,10 @@ What a job gets, and why:
 Standard output and error go, merged, to a file outside the work directory (the job cannot
 replace it; RLIMIT_FSIZE bounds it); a status carries its size, SHA-256 and tail.
 
-The child is prepared with ``preexec_fn``: join the cgroup, set the limits, drop to the job
-user, in that order (joining needs root). A launcher process (as ``burn.py`` is for
-workers) would cost an interpreter start per job, ten times the latency budget on a small
-board; the function only makes system calls, so the fork-with-threads hazard (a lock held
-by another thread at the fork) does not reach it.
+Jobs are forked by the job spawner (``spawner.py``), a small process of its own started
+once: the child joins the cgroup, sets the limits and drops to the job user, in that order
+(joining needs root), before it execs the job. The spawner is the jobs' parent and reports
+their exits; forking the agent itself instead cost ~5 ms per job (decision 0015).
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ import secrets
 import shutil
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +66,7 @@ import psutil
 from qrad_agent.actuators.base import LeverError
 from qrad_agent.actuators.cgroups import WorkerCgroup
 from qrad_agent.jobs.settings import RESERVED_ENV, JobsConfig
+from qrad_agent.jobs.spawner import Exit, Launch, Spawner, SpawnError
 from qrad_agent.jobs.spec import (
     MAX_TAIL_CHARS,
     JobSpec,
@@ -151,6 +150,11 @@ class Sandbox:
         self.output_dir = self.work_root / OUTPUT_DIR
         self._prepare_dirs()
         self._cgroup_why = "" if cgroup is not None else "no workers' cgroup configured"
+        self.spawner = Spawner()  # its process starts with the first job
+
+    def close(self) -> None:
+        """Stop the spawner process (running jobs are not touched: end them first)."""
+        self.spawner.close()
 
     # -- what this sandbox offers -----------------------------------------------------------
     def _job_user(self) -> JobUser | None:
@@ -254,30 +258,59 @@ class Sandbox:
     def start(self, spec: JobSpec, token: str | None = None) -> JobRun:
         """Start ``spec`` (admitted before) in a fresh sandbox. Raises :class:`Refusal` if the
         allowlist no longer allows it, :class:`SandboxError` if it could not be started."""
-        token = token or new_token()
+        result = self.start_many([(spec, token or new_token())])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start_many(self, jobs: list[tuple[JobSpec, str]]
+                   ) -> list[JobRun | Refusal | SandboxError]:
+        """:meth:`start` for several (spec, run token) at once, their processes set up side
+        by side; for each, its run or why it did not start."""
+        out: list[JobRun | Refusal | SandboxError | None] = [None] * len(jobs)
+        ready: list[tuple[int, _Prepared]] = []
+        for i, (spec, token) in enumerate(jobs):
+            try:
+                ready.append((i, self._prepare(spec, token)))
+            except (Refusal, SandboxError) as exc:
+                out[i] = exc
+        pids = self.spawner.launch_many([p.launch for _, p in ready])
+        for (i, prep), pid in zip(ready, pids, strict=True):
+            if isinstance(pid, SpawnError):
+                prep.discard()
+                out[i] = self._start_error(prep, pid)
+            else:
+                out[i] = JobRun(self, prep.spec, pid, prep.token, prep.work, prep.log_path,
+                                prep.group)
+        return [r for r in out if r is not None]
+
+    def _prepare(self, spec: JobSpec, token: str) -> _Prepared:
         exe = self.admit(spec, spec.cores)
-        work = self.run_dir / f"{spec.job}.{spec.attempt}"
-        log_path = self.output_dir / f"{token}.log"
-        group: JobGroup | None = None
-        out_fd = -1
+        prep = _Prepared(spec, token, self.run_dir / f"{spec.job}.{spec.attempt}",
+                         self.output_dir / f"{token}.log")
         try:
-            self._make_work_dir(work, spec)
-            out_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             0o600)
-            group = self._make_group(token)
-            env = self._environment(spec, work, token)
-            proc = self._spawn(spec, exe, work, env, out_fd, group)
+            self._make_work_dir(prep.work, spec)
+            prep.group = self._make_group(token)
+            prep.launch = Launch(
+                exe=exe, argv=list(spec.argv), env=self._environment(spec, prep.work, token),
+                cwd=str(prep.work), log=str(prep.log_path),
+                procs=[str(f) for f in prep.group.procs_files()] if prep.group else [],
+                limits=self._limits(spec), nice=self.cfg.nice,
+                ids=(self.user.uid, self.user.gid) if self.user is not None else None)
         except BaseException:
-            if group is not None:
-                group.remove()
-            shutil.rmtree(work, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                log_path.unlink()
+            prep.discard()
             raise
-        finally:
-            if out_fd >= 0:
-                os.close(out_fd)
-        return JobRun(self, spec, proc, token, work, log_path, group)
+        return prep
+
+    def _start_error(self, prep: _Prepared, exc: SpawnError) -> SandboxError:
+        if exc.uncertain:
+            _kill_all(_scan(tokens={prep.token}))  # it may have started: nothing of it stays
+        job = prep.spec.job
+        if exc.exec_failed:
+            return SandboxError(
+                f"cannot execute {prep.launch.exe} for job {job}: {exc}"
+                + (f" (as user {self.user.name})" if self.user else ""), Reason.EXEC_FAILED)
+        return SandboxError(f"cannot start job {job}: {exc}")
 
     def _make_work_dir(self, work: Path, spec: JobSpec) -> None:
         if work.exists() or work.is_symlink():
@@ -339,39 +372,6 @@ class Sandbox:
             (resource.RLIMIT_CORE, 0, 0),
         ]
 
-    def _spawn(self, spec: JobSpec, exe: str, work: Path, env: dict[str, str], out_fd: int,
-               group: JobGroup | None) -> subprocess.Popen[bytes]:
-        procs_fds: list[int] = []
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            if group is not None:
-                for path in group.procs_files():
-                    procs_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
-            ids = (self.user.uid, self.user.gid) if self.user is not None else None
-            setup = _child_setup(procs_fds, self._limits(spec), self.cfg.nice, ids, err_w)
-            try:
-                return subprocess.Popen(
-                    spec.argv, executable=exe, cwd=work, env=env, stdin=subprocess.DEVNULL,
-                    stdout=out_fd, stderr=out_fd, start_new_session=True, close_fds=True,
-                    umask=0o077, preexec_fn=setup,
-                )
-            except subprocess.SubprocessError as exc:
-                os.close(err_w)
-                err_w = -1
-                why = _read_all(err_r).decode(errors="replace") or str(exc)
-                raise SandboxError(f"cannot start job {spec.job}: {why}") from None
-            except OSError as exc:
-                raise SandboxError(
-                    f"cannot execute {exe} for job {spec.job}: {exc.strerror or exc}"
-                    + (f" (as user {self.user.name})" if self.user else ""),
-                    Reason.EXEC_FAILED) from None
-        finally:
-            for fd in procs_fds:
-                os.close(fd)
-            if err_w >= 0:
-                os.close(err_w)
-            os.close(err_r)
-
     # -- after a crash -----------------------------------------------------------------------
     def sweep(self, runs: Iterable[tuple[str | None, int | None, float | None]] = ()) -> int:
         """Stop what earlier runs of the agent left, and clear their directories.
@@ -417,15 +417,34 @@ class Sandbox:
         return killed
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A job's sandbox, made and not yet started: undone with :meth:`discard`."""
+
+    spec: JobSpec
+    token: str
+    work: Path
+    log_path: Path
+    group: JobGroup | None = None
+    launch: Launch = field(init=False)
+
+    def discard(self) -> None:
+        if self.group is not None:
+            self.group.kill()
+            self.group.remove()
+        shutil.rmtree(self.work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+
 class JobRun:
     """One started job: poll it, suspend/resume it, kill it; its :class:`Outcome` at the end."""
 
-    def __init__(self, box: Sandbox, spec: JobSpec, proc: subprocess.Popen[bytes], token: str,
+    def __init__(self, box: Sandbox, spec: JobSpec, pid: int, token: str,
                  work: Path, log_path: Path, group: JobGroup | None) -> None:
         self.box = box
         self.spec = spec
-        self.proc = proc
-        self.pid = proc.pid
+        self.pid = pid
         self.token = token
         self.work = work
         self.log_path = log_path
@@ -503,9 +522,9 @@ class JobRun:
             self.suspended_at = None
         killed = self._kill_tree()
         ended = self._reap(block=True)
-        if ended is None:  # unkillable for now (D state); the leader is reaped at a later poll
+        if ended is None:  # unkillable for now (D state); the spawner reaps it later
             log.error("jobs: %s (pid %d) did not die of SIGKILL", self.spec.job, self.pid)
-            ended = (-1, 0, None)
+            ended = Exit(None, None)
         return self._finish(ended, now, killed)
 
     def cpu_seconds(self) -> float:
@@ -523,31 +542,22 @@ class JobRun:
         return self._cpu_seen
 
     # -- the end -----------------------------------------------------------------------------
-    def _reap(self, block: bool) -> tuple[int, int, Any] | None:
-        deadline = time.monotonic() + (KILL_WAIT_S if block else 0.0)
-        while True:
-            try:
-                pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return (self.pid, 0, None)  # reaped elsewhere; nothing more to learn
-            if pid:
-                return (pid, status, usage)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.005)
+    def _reap(self, block: bool) -> Exit | None:
+        def gone() -> bool:
+            return _started_at(self.pid) != self.pid_start or _zombie(self.pid)
 
-    def _finish(self, ended: tuple[int, int, Any], now: float, killed: int = 0) -> Outcome:
-        _, status, usage = ended
-        code = os.waitstatus_to_exitcode(status) if ended[0] > 0 else None
-        self.proc.returncode = code  # reaped here: Popen must not wait for it again
+        return self.box.spawner.reap(self.pid, gone, KILL_WAIT_S if block else 0.0)
+
+    def _finish(self, ended: Exit, now: float, killed: int = 0) -> Outcome:
+        code = os.waitstatus_to_exitcode(ended.status) if ended.status is not None else None
         if self.suspended_at is not None:
             self.resume(now)
         leftovers = self._kill_tree() + killed
         cpu = self._cpu_seen
         if self.group is not None:
             cpu = max(cpu, self.group.cpu_usage_s() or 0.0)
-        if usage is not None:
-            cpu = max(cpu, usage.ru_utime + usage.ru_stime)
+        if ended.cpu_s is not None:
+            cpu = max(cpu, ended.cpu_s)
         outputs = self._collect_outputs()
         digest = self._digest()
         if self.group is not None:
@@ -568,6 +578,9 @@ class JobRun:
         if self._kill is not None:
             state, reason, detail = self._kill
             return state, reason, detail, exit_code, sig
+        if code is None:
+            return (JobState.FAILED, Reason.INTERRUPTED, "its exit status was lost with the job "
+                    "spawner process, which died", None, None)
         if exit_code == 0:
             return JobState.SUCCEEDED, None, None, 0, None
         if sig is not None:
@@ -806,34 +819,6 @@ class JobGroup:
 
 def new_token() -> str:
     return secrets.token_hex(8)
-
-
-def _child_setup(procs_fds: list[int], limits: list[tuple[int, int, int]], nice: int,
-                 ids: tuple[int, int] | None, err_fd: int) -> Callable[[], None]:
-    """What the child does between fork and exec. System calls only; the first failure is
-    written to ``err_fd`` for the parent's error message."""
-
-    def setup() -> None:
-        step = "join the job's cgroup"
-        try:
-            pid = str(os.getpid()).encode()
-            for fd in procs_fds:
-                os.write(fd, pid)
-            step = "set the resource limits"
-            for which, soft, hard in limits:
-                resource.setrlimit(which, (soft, hard))
-            step = "lower the priority"
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-            if ids is not None:
-                step = "switch to the job user"
-                os.setgroups([])
-                os.setgid(ids[1])
-                os.setuid(ids[0])
-        except OSError as exc:
-            os.write(err_fd, f"cannot {step}: {exc.strerror or exc}".encode())
-            raise
-
-    return setup
 
 
 def _read_all(fd: int) -> bytes:

@@ -214,6 +214,7 @@ class JobScheduler:
         if self.filler is not None:
             self._filler_n = 0
             self.filler.restore()
+        self.sandbox.close()  # no job is left for the spawner to report on
 
     # -- the lever shape ---------------------------------------------------------------------
     def discover(self) -> LeverInfo:
@@ -313,8 +314,14 @@ class JobScheduler:
         entry = self.ledger.get(job_id)
         return entry.report if entry is not None else None
 
-    def answered(self, retry_after_s: float | None) -> None:
-        """The dispatcher answered the request; with ``retry_after_s``, ask again no sooner."""
+    def answered(self, retry_after_s: float | None, *, took_work: bool = False) -> None:
+        """The dispatcher answered the request; with ``retry_after_s``, ask again no sooner.
+        ``took_work``: the answer brought jobs this radiator took. While work flows like
+        this, the next request goes out as soon as a slot is free: ``request_interval_s``
+        spaces the asking only while the fleet has nothing (or does not answer), so short
+        jobs do not leave slots idle for an interval each (decision 0016)."""
+        if took_work:
+            self._next_request_at = -math.inf
         if retry_after_s is not None:
             self._next_request_at = max(self._next_request_at, self.clock() + retry_after_s)
 
@@ -427,8 +434,10 @@ class JobScheduler:
             if job is not None and isinstance(action, Resume):
                 self._resume(job, now)
         started: list[_Job] = []
-        for job, claimed, token in starts:
-            if self._start(job, claimed, token, now):
+        runs = self.sandbox.start_many([(job.spec, token) for job, _, token in starts]) \
+            if starts else []
+        for (job, claimed, _), run in zip(starts, runs, strict=True):
+            if self._took_start(job, claimed, run, now):
                 started.append(job)
             else:
                 failed = True
@@ -456,11 +465,11 @@ class JobScheduler:
         job.seq = claimed.seq
         return claimed
 
-    def _start(self, job: _Job, claimed: JobStatus, token: str, now: float) -> bool:
+    def _took_start(self, job: _Job, claimed: JobStatus, run: JobRun | Refusal | SandboxError,
+                   now: float) -> bool:
         spec = job.spec
-        try:
-            job.run = self.sandbox.start(spec, token)
-        except (Refusal, SandboxError) as exc:
+        if isinstance(run, Exception):
+            exc = run
             self.stats.start_errors += 1
             log.warning("jobs: %s#%d could not start: %s", spec.job, spec.attempt, exc)
             # a radiator-side failure: the fleet may place it on one that can run it
@@ -468,6 +477,7 @@ class JobScheduler:
                 Reason.NOT_ALLOWED, Reason.TOO_BIG, Reason.SANDBOX_ERROR) else JobState.FAILED
             self._finish(job, state, exc.reason, str(exc), now)
             return False
+        job.run = run
         job.phase, job.since = Phase.RUNNING, now
         job.next_heartbeat = now + self._heartbeat_s(spec)
         self.stats.started += 1
