@@ -204,6 +204,27 @@ def test_mode_off_returns_everything_and_draining_stops_requests(
     assert final.state is JobState.RETURNED and final.reason == "mode_off"
 
 
+def test_asks_again_at_once_while_answers_bring_work_and_waits_when_they_do_not(
+    make: Callable[..., JobScheduler], job_env: JobEnv
+) -> None:
+    sched = make(slots=1, request_interval_s=600)
+    sched.apply(full(1))
+    assert sched.take_request() is not None
+    # an answer with a job it took: when the job is done the next request goes out at once,
+    # though the interval (10 minutes) has not passed
+    sched.offer(job(job_env, "quick"))
+    sched.answered(None, took_work=True)
+    drive(sched, lambda: sched.jobs() == {})
+    sched.step()
+    again = sched.take_request()
+    assert again is not None and again.free_slots == 1
+    # an empty answer: the interval (and its retry-after) hold
+    sched.answered(5.0)
+    sched.step()
+    assert sched.take_request() is None
+    assert sched.read_back()["request"] == "asked recently"
+
+
 def test_cancel_kills_the_whole_tree(make: Callable[..., JobScheduler], job_env: JobEnv) -> None:
     sched = make(slots=1)
     sched.apply(full(1))

@@ -323,9 +323,13 @@ class JobsBridge:
             return
         # one durable transaction for the lot, then one scheduler step. StoreError
         # propagates: nothing was acknowledged, the broker sends it again
+        took = False
         for ack in self.scheduler.offer_many(specs):
             self.stats.offered += 1
+            took = took or ack.state is JobState.ACCEPTED
             self._status(ack)
+        if took:
+            self.scheduler.answered(None, took_work=True)
 
     def _cancel(self, body: CancelBody) -> None:
         for job_id in body.jobs:
