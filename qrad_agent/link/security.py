@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,22 +72,14 @@ def canonical_json(value: Any) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-            "\t": "\\t"}
-
-
 def _string(s: str) -> str:
-    parts = ['"']
-    for ch in s:
-        esc = _ESCAPES.get(ch)
-        if esc is not None:
-            parts.append(esc)
-        elif ch < " ":
-            parts.append(f"\\u{ord(ch):04x}")
-        else:
-            parts.append(ch)
-    parts.append('"')
-    return "".join(parts)
+    # The standard library's encoder writes strings exactly as JCS asks (\b \f \n \r \t,
+    # \" and \\ by name, other control characters as lowercase \u00xx, everything else as
+    # itself) and does it in C: a signed assignment of many jobs is mostly strings.
+    return _encode_string(s)
+
+
+_encode_string = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _number(x: float) -> str:
