@@ -10,9 +10,11 @@ alone, without scheduler and ledger, to show where the time goes.
 
 Target (issue 7): p50 <= 20 ms.
 
-Second part, end to end: the reference dispatcher (``fleet/dispatcher.py``) and one agent
-(its real FleetLink, LinkBridge and JobsBridge; the room simulated and kept cold so heat, and
-so work, is wanted throughout) against a real Mosquitto on loopback. Trivial jobs
+Second part, end to end: the reference dispatcher (``qrad-fleet dispatcher``, its own
+process, as an operator runs it) and one agent (its real FleetLink, LinkBridge and
+JobsBridge, in this process, each job in its own cgroup as on a radiator when run as root;
+the room simulated and kept cold so heat, and so work, is wanted throughout) against a real
+Mosquitto on loopback. Trivial jobs
 (``/bin/true``) are queued, and the time is taken from the first work request until the
 dispatcher has recorded the last success. Target (issue 7): >= 100 jobs/s. ``--e2e-jobs 0``
 skips it; it needs ``mosquitto``.
@@ -34,6 +36,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import psutil
 
 from qrad_agent.actuators.cgroups import WorkerCgroup
 from qrad_agent.actuators.settings import CgroupConfig
@@ -103,14 +107,61 @@ def measure(n: int, use_cgroup: bool) -> tuple[list[float], list[float], str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def throughput(n: int, slots: int, profile: str | None = None) -> tuple[float, dict[str, int]]:
-    """(jobs per second through dispatcher + one agent, the queue's final counts)."""
+# ``qrad-fleet`` with argv[1] naming a file for a CPU profile of the dispatcher's thread
+# (where its work happens; cProfile alone sees only the main thread), or "" for none
+DISPATCHER_MAIN = """
+import cProfile, sys, time
+from qrad_agent.fleet import cli, dispatcher
+out = sys.argv.pop(1)
+if out:
+    run = dispatcher.Dispatcher._run
+    def profiled(self):
+        prof = cProfile.Profile(time.thread_time)
+        prof.enable()
+        try:
+            run(self)
+        finally:
+            prof.disable()
+            prof.dump_stats(out)
+    dispatcher.Dispatcher._run = profiled
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid``, and of its children it reaped (the spawner's
+    are the jobs; counted apart, see below)."""
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def children_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.children_user + t.children_system)
+
+
+def throughput(n: int, slots: int, profile: str | None = None,
+               profile_dispatcher: str | None = None
+               ) -> tuple[float, dict[str, int], dict[str, float]]:
+    """(jobs per second through dispatcher + one agent, the queue's final counts, CPU
+    milliseconds per job of each process on the way)."""
+    import signal
+    import subprocess
     import threading
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from qrad_agent.config import AgentConfig
-    from qrad_agent.fleet.dispatcher import BrokerConfig, Dispatcher
+    from qrad_agent.fleet.keys import keygen
+    from qrad_agent.fleet.queue import FleetQueue
     from qrad_agent.jobs.compose import attach_jobs
     from qrad_agent.link.bridge import LinkBridge
     from qrad_agent.link.client import Clock, FleetLink
@@ -123,7 +174,8 @@ def throughput(n: int, slots: int, profile: str | None = None) -> tuple[float, d
 
     tmp = Path(tempfile.mkdtemp(prefix="qrad-bench-e2e-", dir="/tmp"))
     os.chmod(tmp, 0o711)
-    key = Ed25519PrivateKey.generate()
+    key = keygen(tmp / "fleet.key")
+    disp: subprocess.Popen[bytes] | None = None
     try:
         with Broker(tmp / "broker") as broker:
             scenario = load_scenario("winter-week")
@@ -143,28 +195,42 @@ def throughput(n: int, slots: int, profile: str | None = None) -> tuple[float, d
                 "enabled": True,
                 "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 10,
                            "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
-                "security": {"fleet_keys": [{"name": "d",
-                                             "public_key": public_key_b64(key.public_key())}]},
+                "security": {"fleet_keys": [{
+                    "name": "d", "public_key": public_key_b64(key.private_key.public_key())}]},
                 "telemetry": {"period_s": 60},
             })
             link = FleetLink(link_cfg, "bench", open_store(tmp / "state"),
                              clock=Clock(wall=time.time, mono=lambda: world.t), wake=wake.set)
             bridge = LinkBridge(agent, link)
-            jobs = attach_jobs(agent, agent.cfg, link, tmp / "state", link_bridge=bridge)
+            # as on a radiator (root): each job in its own cgroup under the workers' group, so
+            # its end needs no /proc scan for stray descendants
+            cgroup = None
+            if os.geteuid() == 0:
+                cgroup = WorkerCgroup(CgroupConfig(parent=f"qrad-bench-{uuid.uuid4().hex[:8]}"),
+                                      Path("/sys/fs/cgroup"))
+                if not cgroup.uses():
+                    cgroup = None
+            jobs = attach_jobs(agent, agent.cfg, link, tmp / "state", cgroup,
+                               link_bridge=bridge)
             assert jobs is not None
-            disp = Dispatcher(BrokerConfig(broker.host, broker.port), tmp / "fleet.db", key,
-                              retry_after_s=0.05, tick_s=0.5)
-            disp.queue.submit_many(
+            queue = FleetQueue.open(tmp / "fleet.db")
+            queue.submit_many(
                 parse_spec({"job": f"t{i}", "argv": [TRIVIAL], "timeout_s": 60.0})
                 for i in range(n))
-            disp.start()
+            disp_log = (tmp / "dispatcher.log").open("wb")
+            disp = subprocess.Popen(
+                [sys.executable, "-c", DISPATCHER_MAIN, profile_dispatcher or "", "dispatcher",
+                 "--broker", f"mqtt://{broker.host}:{broker.port}", "--db", str(tmp / "fleet.db"),
+                 "--key", str(key.path), "--retry-after", "0.05"],
+                stdout=subprocess.DEVNULL, stderr=disp_log)
+            disp_log.close()  # the dispatcher holds its own copy
             stop = threading.Event()
 
             def loop() -> None:
                 if profile:
                     import cProfile
 
-                    prof = cProfile.Profile()
+                    prof = cProfile.Profile(time.thread_time)  # CPU of the loop, not waits
                     prof.enable()
                 bridge.start(world.t, world.local)
                 while not stop.is_set():
@@ -181,20 +247,42 @@ def throughput(n: int, slots: int, profile: str | None = None) -> tuple[float, d
                     prof.disable()
                     prof.dump_stats(profile)
 
+            spawner = jobs.scheduler.sandbox.spawner
+            spawner.launch_many([])  # its process starts now, not inside the timed part
+            spawner_pid = spawner.pid
+            pids = {"agent (this process)": os.getpid(), "dispatcher": disp.pid,
+                    "mosquitto": broker.proc.pid if broker.proc else None,
+                    "job spawner": spawner_pid}
+            cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+            cpu0["jobs"] = children_cpu_s(spawner_pid)
             t0 = time.perf_counter()
             thread = threading.Thread(target=loop, daemon=True)
             thread.start()
             deadline = t0 + max(60.0, n / 10.0)
-            while disp.queue.counts().get("succeeded", 0) < n and time.perf_counter() < deadline:
+            while queue.counts().get("succeeded", 0) < n and time.perf_counter() < deadline:
+                if disp.poll() is not None:
+                    raise SystemExit("the dispatcher exited: "
+                                     + (tmp / "dispatcher.log").read_text()[-2000:])
                 time.sleep(0.01)
             elapsed = time.perf_counter() - t0
-            counts = disp.queue.counts()
+            done = max(1, queue.counts().get("succeeded", 0))
+            cpu = {name: (cpu_s(pid) - cpu0[name]) * 1000 / done for name, pid in pids.items()}
+            cpu["jobs"] = (children_cpu_s(spawner_pid) - cpu0["jobs"]) * 1000 / done
+            counts = queue.counts()
             stop.set()
             thread.join(30)
-            disp.stop()
             world.close()
-            return counts.get("succeeded", 0) / elapsed, counts
+            if cgroup is not None:
+                cgroup.release()
+            return counts.get("succeeded", 0) / elapsed, counts, cpu
     finally:
+        if disp is not None:
+            disp.send_signal(signal.SIGINT)  # its way to stop cleanly (and write a profile)
+            try:
+                disp.wait(10)
+            except subprocess.TimeoutExpired:
+                disp.kill()
+                disp.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -207,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="trivial jobs through dispatcher + agent (default 300; 0 skips)")
     p.add_argument("--e2e-slots", type=int, default=8, help="the agent's slots (default 8)")
     p.add_argument("--profile", help="write a cProfile of the agent's loop to this file")
+    p.add_argument("--profile-dispatcher", help="write a cProfile of the dispatcher to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not os.access(PROGRAM, os.X_OK):
@@ -230,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'PASS' if ok else 'MISS'}  assignment to running p50 {p50:.2f} ms "
           f"(target <= {TARGET_MS:g} ms; {p50 / TARGET_MS:.2f}x the budget)")
     if args.e2e_jobs > 0:
-        rate, counts = throughput(args.e2e_jobs, args.e2e_slots, args.profile)
+        rate, counts, cpu = throughput(args.e2e_jobs, args.e2e_slots, args.profile,
+                                   args.profile_dispatcher)
+        print(f"CPU per job (ms), load average {os.getloadavg()[0]:.2f}: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+              + f"; total {sum(cpu.values()):.2f}")
         e2e_ok = rate >= TARGET_JOBS_PER_S and counts.get("succeeded", 0) == args.e2e_jobs
         print(f"end to end: {args.e2e_jobs} trivial jobs, dispatcher + 1 agent with "
               f"{args.e2e_slots} slots, real broker: {counts}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qrad_agent.core.jobs import Priority
 from qrad_agent.fleet.placement import (
     Candidate,
     FleetState,
@@ -168,16 +169,19 @@ class FleetQueue:
                 "SELECT spec, avoid, seq FROM fleet_jobs WHERE state = 'queued' "
                 "ORDER BY rank, seq LIMIT ?", (max(64, want * 8),)).fetchall()
             candidates = []
-            specs: dict[str, JobSpec] = {}
+            stored: dict[str, str] = {}
             for spec_json, avoid_json, seq in rows:
-                spec = JobSpec.model_validate_json(spec_json)
-                specs[spec.job] = spec
+                # specs were validated when submitted and are stored whole: placement needs
+                # only a few fields, and only the placed ones are validated again
+                raw = json.loads(spec_json)
+                stored[raw["job"]] = spec_json
                 candidates.append(Candidate(
-                    spec.job, spec.priority, int(seq), spec.cores, spec.memory_mb,
-                    spec.timeout_s, avoided(json.loads(avoid_json), now)))
+                    raw["job"], Priority(raw["priority"]), int(seq), int(raw["cores"]),
+                    int(raw["memory_mb"]), float(raw["timeout_s"]),
+                    avoided(json.loads(avoid_json), now)))
             placements: list[Placement] = place(candidates, requests, now)
             for p in placements:
-                spec = specs[p.job_id]
+                spec = JobSpec.model_validate_json(stored[p.job_id])
                 until = now + spec.lease_s
                 cur = conn.execute(
                     "UPDATE fleet_jobs SET state = 'leased', attempt = attempt + 1, node = ?, "
@@ -216,6 +220,13 @@ class FleetQueue:
                           status.reason, now)
             self._apply(job, t, now, status)
         return t
+
+    def report_many(self, statuses: Sequence[JobStatus], now: float | None = None
+                    ) -> list[Transition]:
+        """:meth:`report` for the statuses that arrived together: one durable commit."""
+        now = self.clock() if now is None else now
+        with self.db.transaction(durable=True):
+            return [self.report(status, now) for status in statuses]
 
     def complete(self, status: JobStatus, now: float | None = None) -> Transition:
         """A radiator's final status (succeeded, failed, cancelled, returned): :meth:`report`,
