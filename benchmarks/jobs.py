@@ -160,6 +160,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
     import threading
 
     from qrad_agent.config import AgentConfig
+    from qrad_agent.connect import FleetConnection
     from qrad_agent.fleet.keys import keygen
     from qrad_agent.fleet.queue import FleetQueue
     from qrad_agent.jobs.compose import attach_jobs
@@ -167,6 +168,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
     from qrad_agent.link.client import Clock, FleetLink
     from qrad_agent.link.security import public_key_b64
     from qrad_agent.link.settings import LinkConfig
+    from qrad_agent.runner import StopFlag, run_realtime
     from qrad_agent.sim.run import build_sim_agent
     from qrad_agent.sim.scenario import load_scenario
     from qrad_agent.store.db import open_store
@@ -190,7 +192,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
                 "control": base.control.model_copy(update={"sensor_period_s": 10.0})})
             agent, world = build_sim_agent(cfg, scenario)
             agent.controller.set_override(28.0, world.t, 7 * 86400.0)
-            wake = threading.Event()
+            stop = StopFlag()  # the service loop's own wait: link messages and job ends wake it
             link_cfg = LinkConfig.model_validate({
                 "enabled": True,
                 "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 10,
@@ -200,7 +202,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
                 "telemetry": {"period_s": 60},
             })
             link = FleetLink(link_cfg, "bench", open_store(tmp / "state"),
-                             clock=Clock(wall=time.time, mono=lambda: world.t), wake=wake.set)
+                             clock=Clock(wall=time.time, mono=lambda: world.t), wake=stop.wake)
             bridge = LinkBridge(agent, link)
             # as on a radiator (root): each job in its own cgroup under the workers' group, so
             # its end needs no /proc scan for stray descendants
@@ -224,7 +226,6 @@ def throughput(n: int, slots: int, profile: str | None = None,
                  "--key", str(key.path), "--retry-after", "0.05"],
                 stdout=subprocess.DEVNULL, stderr=disp_log)
             disp_log.close()  # the dispatcher holds its own copy
-            stop = threading.Event()
 
             def loop() -> None:
                 if profile:
@@ -233,13 +234,11 @@ def throughput(n: int, slots: int, profile: str | None = None,
                     prof = cProfile.Profile(time.thread_time)  # CPU of the loop, not waits
                     prof.enable()
                 bridge.start(world.t, world.local)
-                while not stop.is_set():
-                    world.step(1.0)
-                    decision = agent.service(world.t, world.local)
-                    bridge.service(world.t, world.local, decision)
-                    jobs.service()
-                    wake.wait(0.002)
-                    wake.clear()
+                fleet = FleetConnection(link, bridge, jobs)
+                # the agent's own service loop, with its ticks 10x faster than a radiator's
+                # (a control tick every second): it wakes for link messages and job ends
+                run_realtime(agent, stop, world, 10.0, on_beat=fleet.beat,
+                             wake_fds=fleet.wake_fds)
                 agent.stop()
                 jobs.stop()
                 bridge.stop()
@@ -269,7 +268,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
             cpu = {name: (cpu_s(pid) - cpu0[name]) * 1000 / done for name, pid in pids.items()}
             cpu["jobs"] = (children_cpu_s(spawner_pid) - cpu0["jobs"]) * 1000 / done
             counts = queue.counts()
-            stop.set()
+            stop.request("benchmark done")
             thread.join(30)
             world.close()
             if cgroup is not None:

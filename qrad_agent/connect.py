@@ -37,6 +37,10 @@ class FleetConnection:
         if self.jobs is not None:
             self.jobs.service()
 
+    def wake_fds(self) -> list[int]:
+        """What the service loop waits on besides its timers: a job's end."""
+        return self.jobs.scheduler.wake_fds() if self.jobs is not None else []
+
     def after_stop(self) -> list[Callable[[], None]]:
         """In order, once the levers are restored: the jobs' final reports into the outbox,
         then the link's flush and its ``offline``."""

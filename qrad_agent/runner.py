@@ -112,11 +112,12 @@ class StopFlag:
     def is_set(self) -> bool:
         return self._requested or self.event.is_set()
 
-    def wait(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` s; a signal or ``request`` ends the wait at once."""
+    def wait(self, timeout: float, also: Sequence[int] = ()) -> None:
+        """Sleep up to ``timeout`` s; a signal or ``request`` ends the wait at once, and so
+        does any of the descriptors ``also`` becoming readable (a job ended)."""
         if not self.is_set():
             with contextlib.suppress(InterruptedError):
-                select.select([self._rfd], [], [], max(0.0, timeout))
+                select.select([self._rfd, *also], [], [], max(0.0, timeout))
         with contextlib.suppress(OSError):
             while os.read(self._rfd, 512):
                 pass
@@ -579,6 +580,7 @@ def run_realtime(
     *,
     lifecycle: Lifecycle | None = None,
     on_beat: BeatHook | None = None,
+    wake_fds: Callable[[], Sequence[int]] | None = None,
 ) -> None:
     """Serve the agent until ``stop`` is set (or ``max_seconds`` of real time pass).
 
@@ -587,7 +589,9 @@ def run_realtime(
     With a ``lifecycle``, a beat that raises is reported to it and the loop goes on (its
     health then decides); SIGHUP reloads go to it. Without one, exceptions propagate.
     ``on_beat(now, local, decision)`` runs after every beat in the loop's thread (the fleet
-    link's and the jobs' ``service``); what it raises is logged, never fatal.
+    link's and the jobs' ``service``); what it raises is logged, never fatal. The loop's
+    waits also end when a descriptor of ``wake_fds()`` becomes readable (a job ended: its
+    slot is given again at once, not at the next timer).
     """
     started = time.monotonic()
     step = agent.cfg.control.sensor_period_s
@@ -603,12 +607,15 @@ def run_realtime(
             return False
         if decision is not None and on_decision is not None:
             on_decision(decision)
+        hook(now, local, decision)
+        return True
+
+    def hook(now: float, local: datetime, decision: Decision | None) -> None:
         if on_beat is not None:
             try:
                 on_beat(now, local, decision)
             except Exception:  # the link or the jobs must not stop the heating
                 log.exception("a loop hook failed (control continues)")
-        return True
 
     while not stop.is_set():
         elapsed = time.monotonic() - started
@@ -618,11 +625,17 @@ def run_realtime(
             lifecycle.reload(time.monotonic())
         if world is not None:
             target_t = elapsed * speed
+            stepped = False
             while world.t + step <= target_t and not stop.is_set():
                 world.step(step)
                 for target, duration in world.due_overrides():  # the occupant's hand
                     agent.controller.set_override(target, world.t, duration)
                 beat(world.t, world.local_time())
+                stepped = True
+            if not stepped:
+                # woken between ticks (a command, a job's end): the link and the jobs answer
+                # now; the room and the controller move on at the next tick
+                hook(world.t, world.local_time(), None)
             wait = max(0.0, (world.t + step - elapsed * speed) / speed)
         else:
             if time.monotonic() >= retry_at and not beat(time.monotonic(), datetime.now()):
@@ -633,7 +646,7 @@ def run_realtime(
             wait = max(0.0, agent.next_due() - now, retry_at - now)
         if lifecycle is not None:
             lifecycle.after_turn(time.monotonic())
-        stop.wait(min(wait, 0.5))
+        stop.wait(min(wait, 0.5), wake_fds() if wake_fds is not None else ())
 
 
 def ops_config(cfg: AgentConfig) -> OpsConfig:
@@ -658,6 +671,7 @@ def run_service(
     notifier: Notifier | None = None,
     on_beat: BeatHook | None = None,
     after_stop: Sequence[Callable[[], None]] = (),
+    wake_fds: Callable[[], Sequence[int]] | None = None,
 ) -> int:
     """Run the agent as a service until stopped; restore its levers; return the exit code.
 
@@ -702,7 +716,7 @@ def run_service(
     code = EXIT_OK
     try:
         run_realtime(agent, stop, world, speed, on_decision, max_seconds, lifecycle=life,
-                     on_beat=on_beat)
+                     on_beat=on_beat, wake_fds=wake_fds)
     except LoopGaveUp as exc:
         log.critical("giving up: %s; exiting for the service manager to restart the agent", exc)
         life.events.add("gave_up", str(exc))

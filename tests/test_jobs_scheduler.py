@@ -281,7 +281,9 @@ def test_a_failing_job_and_a_timeout_are_reported_with_their_figures(
     assert (bad.state, bad.reason, bad.exit_code) == (JobState.FAILED, "exit_status", 3)
     assert bad.output is not None and bad.output.tail == "oops\n"
     assert (slow.state, slow.reason, slow.signal) == (JobState.FAILED, "timeout", 9)
-    assert slow.cpu_s is not None and slow.cpu_s > 0.2
+    # measured, and no more than it ran (at nice 19 on a busy machine it may get little CPU)
+    assert slow.cpu_s is not None and slow.wall_s is not None
+    assert 0.0 < slow.cpu_s <= slow.wall_s + 0.05
 
 
 def test_energy_is_shared_by_cores_and_heartbeats_renew_leases(

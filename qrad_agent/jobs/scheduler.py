@@ -506,7 +506,14 @@ class JobScheduler:
             return self._finish_run(job, outcome)
         return self._finish(job, state, reason, detail, now)
 
+    def wake_fds(self) -> list[int]:
+        """Descriptors that become readable when this scheduler has something to do (a job
+        ended): the service loop waits on them as well as on its timers."""
+        fd = self.sandbox.spawner.fileno()
+        return [fd] if fd is not None else []
+
     def _reap(self, now: float) -> None:
+        self.sandbox.spawner.poll()  # drained every step: a loop waiting on it must not spin
         ended: list[tuple[_Job, Outcome]] = []
         for job in list(self._jobs.values()):
             if job.run is None:

@@ -181,6 +181,19 @@ class Spawner:
                 else:
                     self._read(p, min(left, 0.05))
 
+    def fileno(self) -> int | None:
+        """The socket the spawner reports on: readable when a job ended (a loop waits on it,
+        then calls :meth:`poll`); None while no spawner runs."""
+        p = self._p
+        return p.sock.fileno() if p is not None and p.alive else None
+
+    def poll(self) -> None:
+        """Take in what the spawner reported (job ends), without waiting."""
+        with self._lock:
+            p = self._p
+            if p is not None and p.alive:
+                self._read(p, 0.0)
+
     @property
     def pid(self) -> int | None:
         """The spawner process's pid while one runs."""

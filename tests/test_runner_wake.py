@@ -1,0 +1,60 @@
+"""The service loop wakes for a readable descriptor of ``wake_fds`` (a job's end), between
+control ticks, and runs the link and job hooks at once."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+
+from qrad_agent.config import AgentConfig
+from qrad_agent.core.controller import Decision
+from qrad_agent.runner import StopFlag, run_realtime
+from qrad_agent.sim.run import build_sim_agent
+from qrad_agent.sim.scenario import load_scenario
+
+
+def test_a_readable_wake_fd_runs_the_hooks_between_ticks() -> None:
+    base = AgentConfig()
+    # ticks 20 s apart at real speed: no tick happens during the test
+    cfg = base.model_copy(update={
+        "control": base.control.model_copy(update={"sensor_period_s": 20.0})})
+    agent, world = build_sim_agent(cfg, load_scenario("winter-week"))
+    r, w = os.pipe()
+    calls: list[tuple[float, bool]] = []
+
+    def on_beat(now: float, local: datetime, decision: Decision | None) -> None:
+        calls.append((time.monotonic(), decision is None))
+        os.set_blocking(r, False)
+        try:
+            os.read(r, 64)  # the hook drains what woke it, as the scheduler's step does
+        except BlockingIOError:
+            pass
+
+    stop = StopFlag()
+    loop = threading.Thread(target=run_realtime, args=(agent, stop, world, 1.0),
+                            kwargs={"on_beat": on_beat, "wake_fds": lambda: [r]})
+    loop.start()
+    try:
+        time.sleep(0.3)
+        before = len(calls)
+        woke_at = time.monotonic()
+        os.write(w, b"x")
+        deadline = woke_at + 5.0
+        while len(calls) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) > before, "the loop did not wake for the descriptor"
+        at, between_ticks = calls[before]
+        assert between_ticks  # no control decision: only the hooks ran
+        assert at - woke_at < 1.5  # not at the next tick (20 s) nor a long timer
+        time.sleep(0.3)
+        # drained: the loop went back to waiting instead of spinning on the descriptor
+        assert len(calls) - before < 10
+    finally:
+        stop.request("test")
+        loop.join(10)
+        agent.stop()
+        world.close()
+        os.close(r)
+        os.close(w)
