@@ -63,13 +63,17 @@ def attach_jobs(
     levers: list[Any] = agent.levers
     workers_at = next((i for i, lv in enumerate(levers) if isinstance(lv, WorkerSlots)), None)
     filler = None
+    cgroup = worker_cgroup
     if workers_at is not None:
         old = levers[workers_at]
-        filler = make_filler(jc, cfg.actuators.workers, getattr(old, "_record", None),
-                             worker_cgroup if worker_cgroup is not None
-                             else getattr(old, "_cgroup", None), max_slots=n)
+        if cgroup is None:
+            # the workers' cgroup, which the quota lever throttles and the freezer stops: jobs
+            # go below it, so every limit on heat reaches them as it reaches filler
+            cgroup = getattr(old, "_cgroup", None)
+        filler = make_filler(jc, cfg.actuators.workers, getattr(old, "_record", None), cgroup,
+                             max_slots=n)
     db = link.outbox.db  # one state database: ledger, outbox and sequence numbers together
-    sandbox = Sandbox(jc, jc.work_root(state_dir), worker_cgroup)
+    sandbox = Sandbox(jc, jc.work_root(state_dir), cgroup)
     extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
     scheduler = JobScheduler(jc, link.node_id, Ledger(db), sandbox, filler, slots=n,
                              model=model, **extra)
