@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qrad_agent.jobs.spawner import Exit, Launch, SpawnError, Spawner
+from qrad_agent.jobs.spawner import Exit, Launch, Spawner, SpawnError
 
 SH = "/bin/sh"
 

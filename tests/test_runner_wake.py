@@ -3,6 +3,7 @@ control ticks, and runs the link and job hooks at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -27,10 +28,8 @@ def test_a_readable_wake_fd_runs_the_hooks_between_ticks() -> None:
     def on_beat(now: float, local: datetime, decision: Decision | None) -> None:
         calls.append((time.monotonic(), decision is None))
         os.set_blocking(r, False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(r, 64)  # the hook drains what woke it, as the scheduler's step does
-        except BlockingIOError:
-            pass
 
     stop = StopFlag()
     loop = threading.Thread(target=run_realtime, args=(agent, stop, world, 1.0),
