@@ -527,3 +527,18 @@ def test_a_job_whose_spawner_died_ends_interrupted_and_the_next_job_runs(
     assert "spawner" in (o.detail or "")
     after = finish(box.start(py_job(job_env, "next", "print('ok')")))
     assert after.state is JobState.SUCCEEDED and box.spawner.pid not in (None, spawner_pid)
+
+
+def test_what_ended_jobs_leave_is_removed_off_the_loop(box: Sandbox, job_env: JobEnv) -> None:
+    """The work directory's name is free as soon as the job ended (the next attempt may
+    reuse it); the directory and the job cgroup are gone once the janitor is drained."""
+    runs = box.start_many([(py_job(job_env, f"j{i}", "open('f', 'w').write('x')"), f"t{i}")
+                           for i in range(3)])
+    for run in runs:
+        assert isinstance(run, JobRun)
+        assert finish(run).state is JobState.SUCCEEDED
+        assert not (box.run_dir / f"{run.spec.job}.1").exists()
+    box.close()
+    assert list(box.run_dir.iterdir()) == []
+    if box.cgroup is not None:
+        assert not [d for u in box.cgroup.uses() for d in u.group.glob("job-*")]

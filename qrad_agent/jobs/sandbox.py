@@ -49,11 +49,13 @@ import logging
 import math
 import os
 import pwd
+import queue
 import resource
 import secrets
 import shutil
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -151,10 +153,13 @@ class Sandbox:
         self._prepare_dirs()
         self._cgroup_why = "" if cgroup is not None else "no workers' cgroup configured"
         self.spawner = Spawner()  # its process starts with the first job
+        self.janitor = _Janitor(self.run_dir)
 
     def close(self) -> None:
-        """Stop the spawner process (running jobs are not touched: end them first)."""
+        """Stop the spawner process (running jobs are not touched: end them first) and
+        finish removing what ended jobs left."""
         self.spawner.close()
+        self.janitor.drain()
 
     # -- what this sandbox offers -----------------------------------------------------------
     def _job_user(self) -> JobUser | None:
@@ -417,6 +422,51 @@ class Sandbox:
         return killed
 
 
+class _Janitor:
+    """Removes what ended jobs leave (the work directory, the job cgroup) off the control
+    loop: removing a cgroup waits for the kernel, ~1 ms each under cgroup v1. The work
+    directory is renamed away at once, so its name is free again; whatever is left when the
+    agent dies, the next start's sweep removes."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._queue: queue.SimpleQueue[tuple[Path, JobGroup | None] | None] = \
+            queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def discard(self, work: Path, group: JobGroup | None) -> None:
+        trash = work.with_name(f".ended-{work.name}-{new_token()}")
+        try:
+            work.rename(trash)
+        except OSError:
+            trash = work  # gone already, or it cannot move: removed in place
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qrad-jobs-janitor",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put((trash, group))
+
+    def drain(self) -> None:
+        """Wait until everything handed over is removed."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            work, group = item
+            try:
+                if group is not None:
+                    group.remove()
+                shutil.rmtree(work, ignore_errors=True)
+            except Exception:  # one failed removal must not stop the others
+                log.exception("jobs: cannot remove %s", work)
+
+
 @dataclass(slots=True)
 class _Prepared:
     """A job's sandbox, made and not yet started: undone with :meth:`discard`."""
@@ -560,9 +610,7 @@ class JobRun:
             cpu = max(cpu, ended.cpu_s)
         outputs = self._collect_outputs()
         digest = self._digest()
-        if self.group is not None:
-            self.group.remove()
-        shutil.rmtree(self.work, ignore_errors=True)
+        self.box.janitor.discard(self.work, self.group)
         state, reason, detail, exit_code, sig = self._verdict(code)
         if leftovers and self._kill is None:
             detail = (detail + "; " if detail else "") + \
