@@ -333,7 +333,9 @@ def test_forged_replayed_expired_misaddressed_and_bad_specs_are_refused(
         # a good one runs; the same envelope again is a replay: refused, not run twice
         good = envelope([spec("good")])
         send(good)
-        assert status_of("good")["state"] == "accepted"
+        # taken and started in one step: its first status is ``running`` (which acknowledges
+        # it; ``accepted`` is not sent separately when superseded in the same batch)
+        assert status_of("good")["state"] in ("accepted", "running")
         wait_until(lambda: marks(job_env)["good"] == 1, 20, "good job ran", [agent.log])
         send(good)
         # another job under a seq already used: replayed, refused with a status

@@ -127,6 +127,7 @@ class JobsBridge:
         self.season_warm = season_warm or (lambda: False)
         self.stats = BridgeStats()
         self._sent: dict[int, _Sent] = {}  # outbox row id -> the status it carries
+        self._held: list[JobStatus] = []  # acknowledgements not yet in the outbox
         self._was_connected = False
         self._started = False
         self._dirty = False
@@ -203,7 +204,15 @@ class JobsBridge:
                                     self.scheduler.clock())
 
     def _publish_reports(self) -> None:
-        for status in self.scheduler.take_reports():
+        """Into the outbox: of each attempt's statuses since the last call, only the latest.
+        A later status says all an earlier one did (``running`` acknowledges the job as
+        ``accepted`` does, and the delivery of a status stands for every earlier one), so a
+        job taken and started in one step costs the fleet one message, not two."""
+        batch, self._held = [*self._held, *self.scheduler.take_reports()], []
+        latest: dict[tuple[str, int], JobStatus] = {}
+        for status in batch:
+            latest[(status.job, status.attempt)] = status
+        for status in latest.values():
             self._status(status)
 
     def _publish_request(self) -> None:
@@ -327,7 +336,7 @@ class JobsBridge:
         for ack in self.scheduler.offer_many(specs):
             self.stats.offered += 1
             took = took or ack.state is JobState.ACCEPTED
-            self._status(ack)
+            self._held.append(ack)  # goes out with the step's reports: see _publish_reports
         if took:
             self.scheduler.answered(None, took_work=True)
 
