@@ -53,7 +53,7 @@ def test_child_gets_its_directory_environment_output_session_and_limits(
         spawner: Spawner, tmp_path: Path) -> None:
     script = ('echo "cwd=$(pwd) mark=$MARK argv0=$0"; echo err >&2; '
               'ps -o sid= -p $$; cat /proc/self/limits; grep -E "^(SigIgn|SigBlk)" '
-              '/proc/self/status; exit 3')
+              '/proc/self/status; echo "nice=$(ps -o ni= -p $$ | tr -d " ")"; exit 3')
     req = launch(tmp_path, script, nice=7, umask=0o027,
                  limits=[(resource.RLIMIT_NOFILE, 77, 77), (resource.RLIMIT_CORE, 0, 0)])
     pid = spawner.launch(req)
@@ -67,6 +67,7 @@ def test_child_gets_its_directory_environment_output_session_and_limits(
     nofile = next(line for line in out.splitlines() if line.startswith("Max open files"))
     assert nofile.split()[3:5] == ["77", "77"]
     # nothing ignored or blocked is inherited from the spawner (it ignores SIGINT/TERM/HUP)
+    assert "nice=7" in out
     assert "SigIgn:\t0000000000000000" in out and "SigBlk:\t0000000000000000" in out
     assert oct((tmp_path / "out.log").stat().st_mode & 0o777) == "0o600"
 

@@ -12,10 +12,10 @@ package: FD is a stream socket to the agent carrying one JSON object per line.
 Agent -> spawner: ``{"id": n, "exe", "argv", "env", "cwd", "log", "procs", "limits",
 "nice", "ids", "umask"}``: start a job. The child, in this order: new session, default
 signal dispositions, stdin from /dev/null, stdout and stderr to ``log`` (created), joins the
-cgroups by writing its pid to each of ``procs``, changes to ``cwd``, sets ``umask``, the
-rlimits ``limits`` ([resource, soft, hard]), niceness ``nice``, drops to ``ids`` ([uid,
-gid], no supplementary groups) when given, closes every other descriptor, execs ``exe``
-with ``argv`` and ``env``. Nothing of the job runs before all of that is done.
+cgroups by writing its pid to each of ``procs``, changes to ``cwd``, sets ``umask`` and
+the rlimits ``limits`` ([resource, soft, hard]), drops to ``ids`` ([uid, gid], no
+supplementary groups) when given, closes every other descriptor, takes niceness ``nice``,
+and execs ``exe`` with ``argv`` and ``env``. Nothing of the job runs before all of that is done.
 
 Spawner -> agent: ``{"id": n, "pid": p}`` once ``exe`` is executing, or ``{"id": n,
 "error": text, "exec": bool}`` (``exec``: the exec itself failed, the set-up went through);
@@ -72,8 +72,6 @@ def _child(req: dict[str, Any], err_w: int) -> None:
         step = "set the resource limits"
         for which, soft, hard in req["limits"]:
             resource.setrlimit(which, (soft, hard))
-        step = "lower the priority"
-        os.setpriority(os.PRIO_PROCESS, 0, req["nice"])
         if req["ids"] is not None:
             step = "switch to the job user"
             uid, gid = req["ids"]
@@ -82,6 +80,10 @@ def _child(req: dict[str, Any], err_w: int) -> None:
             os.setuid(uid)
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 1 << 16)
+        # last, just before the exec (raising niceness needs no privilege): on a busy board
+        # a child at nice 19 waits long for a CPU, and the agent waits for its exec
+        step = "lower the priority"
+        os.setpriority(os.PRIO_PROCESS, 0, req["nice"])
         step = f"execute {req['exe']}"
         failed_exec = True
         os.execve(req["exe"], req["argv"], req["env"])
