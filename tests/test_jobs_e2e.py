@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from tests.test_jobs_sandbox import JobEnv, job_env_lifetime
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = ("rad-a", "rad-b", "rad-c")
+E2E_JOBS = 300  # of mixed priority, each a Python process, through three radiators
 
 # a job: marks "<job>.<attempt>.<pid>.done" when it has finished its work; job "slow" of
 # attempt 1 first marks ".start" and then sleeps long (the agent is killed meanwhile)
@@ -56,11 +55,13 @@ def agent_main(conf_text: str) -> None:
     import logging
 
     from qrad_agent.config import AgentConfig
+    from qrad_agent.connect import FleetConnection
     from qrad_agent.jobs.compose import attach_jobs
     from qrad_agent.jobs.settings import JobsConfig
     from qrad_agent.link.bridge import LinkBridge
     from qrad_agent.link.client import Clock, FleetLink
     from qrad_agent.link.settings import LinkConfig
+    from qrad_agent.runner import StopFlag, run_realtime
     from qrad_agent.sim.run import build_sim_agent
     from qrad_agent.sim.scenario import load_scenario
     from qrad_agent.store.db import open_store
@@ -88,22 +89,18 @@ def agent_main(conf_text: str) -> None:
         agent.levers.insert(at, WorkerSlots(cfg.actuators.workers))
     # a cold room that stays cold: heat (and so work) is wanted until a command says otherwise
     agent.controller.set_override(28.0, world.t, 7 * 86400.0)
-    wake = threading.Event()
+    stop = StopFlag()
+    stop.install()  # SIGTERM: a clean stop
     link = FleetLink(LinkConfig.model_validate(c["link"]), c["node"], open_store(state),
-                     clock=Clock(wall=time.time, mono=lambda: world.t), wake=wake.set)
+                     clock=Clock(wall=time.time, mono=lambda: world.t), wake=stop.wake)
     bridge = LinkBridge(agent, link)
     jobs = attach_jobs(agent, agent.cfg, link, state, link_bridge=bridge)
     assert jobs is not None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     bridge.start(world.t, world.local)
-    while not stop.is_set():
-        world.step(5.0)
-        decision = agent.service(world.t, world.local)
-        bridge.service(world.t, world.local, decision)
-        jobs.service()
-        wake.wait(0.01)
-        wake.clear()
+    fleet = FleetConnection(link, bridge, jobs)
+    # the agent's own service loop, its simulated time 50x real (a control tick every 0.2 s):
+    # it wakes for link messages and for job ends
+    run_realtime(agent, stop, world, 50.0, on_beat=fleet.beat, wake_fds=fleet.wake_fds)
     agent.stop()
     jobs.stop()
     bridge.stop()
@@ -204,7 +201,7 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str,
 # ------------------------------------------------------------------ the tests
 
 
-def test_sixty_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
+def test_300_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
     tmp_path: Path, broker: Broker, job_env: JobEnv
 ) -> None:
     dkey = Ed25519PrivateKey.generate()
@@ -217,15 +214,16 @@ def test_sixty_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
         disp.start()
         assert disp.connected.wait(5)
         prios = ("high", "low", "background")
-        specs = [job_spec(job_env, f"j{i:03d}", prios[i % 3]) for i in range(60)]
+        specs = [job_spec(job_env, f"j{i:03d}", prios[i % 3]) for i in range(E2E_JOBS)]
         disp.queue.submit_many(specs)
         for a in agents:
             a.start()
 
         def all_succeeded() -> bool:
-            return disp.queue.counts().get("succeeded", 0) == 60
+            return disp.queue.counts().get("succeeded", 0) == E2E_JOBS
 
-        wait_until(all_succeeded, 60, f"60 jobs succeeded ({disp.queue.counts()})", logs)
+        wait_until(all_succeeded, 120, f"{E2E_JOBS} jobs succeeded ({disp.queue.counts()})",
+                   logs)
         done = marks(job_env)
         assert sorted(done) == sorted(s.job for s in specs)
         assert set(done.values()) == {1}, [j for j, n in done.items() if n != 1]
@@ -275,7 +273,7 @@ def test_sixty_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
         assert marks(job_env)["slow"] == 1  # only attempt 2 finished
         final = disp.queue.get("slow")
         assert final is not None and final.result is not None and final.result.attempt == 2
-        assert disp.queue.counts() == {"succeeded": 61}
+        assert disp.queue.counts() == {"succeeded": E2E_JOBS + 1}
     finally:
         for a in agents:
             a.stop()
