@@ -1,0 +1,1 @@
+"""Fleet simulation: many radiators, the dispatcher and a job trace on one simulated clock."""
