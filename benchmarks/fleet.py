@@ -37,12 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, choices=(1, 2), default=2)
     p.add_argument("--max-job-cores", type=int, choices=(1, 2, 4), default=4,
                    help="put every job on at most this many cores (same work); a variant")
+    p.add_argument("--no-throttled-starts", action="store_true",
+                   help="jobs start only on as many free slots as their cores (before 0017)")
+    p.add_argument("--no-speed-hint", action="store_true",
+                   help="the allocator ignores urgent work: many slots at low frequency (0002)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = p.parse_args(argv)
 
     cfg = FleetConfig(radiators=args.radiators, days=args.days, seed=args.seed,
                       period_s=args.period, warmup_h=default_warmup_h(args.days),
-                      max_job_cores=args.max_job_cores)
+                      max_job_cores=args.max_job_cores,
+                      throttled_starts=not args.no_throttled_starts,
+                      speed_hint=not args.no_speed_hint)
     started = time.perf_counter()
     result = run_fleet(cfg, args.processes)
     wall = time.perf_counter() - started

@@ -118,3 +118,44 @@ def test_frequency_is_a_table_entry() -> None:
 def test_needs_a_slot() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Allocator(AllocatorConfig(), 0, MODEL, 800_000)
+
+
+# -- urgent work: fewer slots at a higher frequency (decision 0018) --------------------------
+
+
+def test_urgent_work_gets_fewer_slots_at_a_higher_frequency_for_the_same_heat() -> None:
+    calm, urgent = make(min_on_s=0, min_off_s=0), make(min_on_s=0, min_off_s=0)
+    urgent.urgent_cores = 1
+    p_calm, p_urgent = calm.allocate(0.0, 0.4), urgent.allocate(0.0, 0.4)
+    assert p_urgent.slots == 2 < p_calm.slots  # 1.6 slots' worth of heat needs two slots
+    assert p_urgent.freq_khz > p_calm.freq_khz
+    assert MODEL.watts(p_urgent) == pytest.approx(MODEL.watts(p_calm), rel=1e-3)
+
+
+def test_urgent_hint_stops_only_slots_no_job_needs_and_lets_them_back_after_min_off() -> None:
+    a = make(min_on_s=0, min_off_s=600)
+    assert a.allocate(0.0, 0.3).slots == 4
+    a.urgent_cores = 3  # three cores of jobs here, one of them urgent
+    assert a.allocate(10.0, 0.3).slots == 3  # the filler slot stops at once
+    # demand falls below what the jobs' cores make at the lowest frequency: their slots stay
+    assert a.allocate(20.0, 0.1).slots == 3
+    a.urgent_cores = 0  # the urgent job is done: efficiency again, after the off time
+    assert a.allocate(30.0, 0.3).slots == 3
+    assert a.allocate(620.0, 0.3).slots == 4
+
+
+def test_urgent_hint_never_runs_fewer_slots_than_the_heat_needs() -> None:
+    a = make(min_on_s=0, min_off_s=0)
+    a.urgent_cores = 1
+    plan = a.allocate(0.0, 0.9)
+    assert plan.slots == 4  # 3.6 slots' worth at full speed needs four
+    assert MODEL.watts(plan) == pytest.approx(20 + 480 * 0.9, rel=1e-3)
+
+
+@given(st.floats(0.05, 1.0), st.integers(0, 6))
+def test_power_is_exact_with_an_urgent_hint(u: float, cores: int) -> None:
+    a = make(min_on_s=0, min_off_s=0)
+    a.urgent_cores = cores
+    plan = a.allocate(0.0, u)
+    assert plan.slots <= 4
+    assert MODEL.watts(plan) == pytest.approx(20 + 480 * u, rel=1e-3)

@@ -226,3 +226,52 @@ def test_hysteresis_scheduler_puts_high_priority_on_the_coolest_radiator() -> No
     # low work only where the room is at most 1 K above its target
     assert placed["low"] in {rads[0].node, rads[1].node}
     assert not fleet.queue
+
+
+# -- throttled starts (decision 0017) and the speed hint (decision 0018) ---------------------
+
+
+def test_jobs_wider_than_the_quota_share_it_equally_and_make_only_the_plans_heat() -> None:
+    from qrad_agent.fleetsim.policies import SimRadiator
+
+    room = make_rooms(1, 1, 1.0)[0]
+    r = SimRadiator(room, 1, 0.0)
+    r.freq_khz, r.quota, r.job_slots = r.max_khz, 1.0, 2
+    wide = LiveJob(JobSpec("wide", 0, 0.0, Priority.LOW, 4, 3600.0))
+    narrow = LiveJob(JobSpec("narrow", 1, 0.0, Priority.LOW, 1, 3600.0))
+    r.take(wide, 0.0, Phase.RUNNING)
+    r.take(narrow, 0.0, Phase.RUNNING)
+    r.advance(0.0, 100.0, 0.0, 0.0, r.comfort_c, True, False)
+    # two CPUs' worth between two jobs: one each, whatever their cores
+    assert wide.done_s == pytest.approx(100.0) and narrow.done_s == pytest.approx(100.0)
+    assert r.tally.lever_wh == pytest.approx(
+        r.model.watts_of(2, r.max_khz, 1.0) * 100.0 / 3600.0)
+    r.job_slots = None  # no cap: the wide job runs on its four cores
+    r.advance(100.0, 100.0, 0.0, 0.0, r.comfort_c, True, False)
+    assert wide.done_s == pytest.approx(500.0)
+
+
+def _wide_and_urgent_trace() -> list[JobSpec]:
+    # from 08:00, when rooms want little heat: 4-core work the free slots seldom fit, and
+    # high-priority work
+    return [JobSpec(f"j{i:03d}", i, 8 * 3600.0 + 60.0 * i,
+                    Priority.HIGH if i % 3 == 0 else Priority.LOW, 4 if i % 3 else 1, 1800.0)
+            for i in range(90)]
+
+
+def test_throttled_starts_put_wide_jobs_where_filler_would_run() -> None:
+    trace = _wide_and_urgent_trace()
+    on = run_policy("agent", SMALL, trace=trace)[0]
+    off = run_policy("agent", replace(SMALL, throttled_starts=False), trace=trace)[0]
+    assert off.queue_held_work_h > 0
+    assert on.paid_share_queued > off.paid_share_queued
+    assert on.demand_met >= 0.98
+
+
+def test_the_speed_hint_runs_high_priority_work_faster() -> None:
+    trace = _wide_and_urgent_trace()
+    on = run_policy("agent", SMALL, trace=trace)[0]
+    off = run_policy("agent", replace(SMALL, speed_hint=False), trace=trace)[0]
+    assert on.by_priority["high"].finished > 0
+    assert on.by_priority["high"].mean_slowdown < off.by_priority["high"].mean_slowdown
+    assert on.demand_met >= 0.98

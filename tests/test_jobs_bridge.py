@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -39,11 +40,14 @@ def test_one_status_per_attempt_and_batch_and_none_lost() -> None:
     jc = JobsConfig(allow=[TRUE, SLEEP], filler="none", work_dir=tmp / "jobs")
     sched = JobScheduler(jc, NODE, Ledger(link.outbox.db), Sandbox(jc, jc.work_root(tmp)),
                          slots=1)
-    jobs = JobsBridge(object(), link, sched)
+    allocator = SimpleNamespace(urgent_cores=0)
+    jobs = JobsBridge(SimpleNamespace(controller=SimpleNamespace(allocator=allocator)), link,
+                      sched)
     jobs.start()
     try:
         sched.apply(Plan(1, 1_000_000, 1.0))
-        specs = [{"job": "now", "argv": [SLEEP, "30"]}, {"job": "later", "argv": [TRUE]}]
+        specs = [{"job": "now", "argv": [SLEEP, "30"], "priority": "high"},
+                 {"job": "later", "argv": [TRUE]}]
         env = make_envelope(key, NODE, {"cmd": "assign", "request": "r1", "jobs": specs},
                             seq=1, issued_at=time.time(), ttl_s=60, command_id="c1")
         jobs._on_assign(link.topics.node_topic("work/assign"), json.dumps(env).encode())
@@ -53,6 +57,9 @@ def test_one_status_per_attempt_and_batch_and_none_lost() -> None:
         # running); "later" waits, acknowledged as accepted
         assert sent == {"now": "running", "later": "accepted"}
         assert len(rows) == 2
+        # high-priority work is here: the allocator is told (fewer, faster slots: 0018)
+        jobs.service()
+        assert allocator.urgent_cores == 2  # the cores of all the jobs here
         # the superseded status is delivered with the later one: nothing undelivered is left
         # once both rows are confirmed
         for r in rows:

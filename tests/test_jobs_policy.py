@@ -22,6 +22,7 @@ from qrad_agent.core.jobs import (
     Start,
     Suspend,
     decide,
+    urgent_cores,
 )
 from qrad_agent.core.models import Plan
 
@@ -208,3 +209,95 @@ def test_never_more_than_the_plan_runs(
     assert not started & gone  # nothing both stopped and started
     if d.request is not None:
         assert not draining and not tripped and d.request.free_slots == d.free_slots > 0
+
+
+# -- throttled starts (decision 0017) ------------------------------------------------------------
+
+
+def run_throttled(slots: int, *jobs: JobView, cores: int = 8, quota: float = 1.0,
+                  slot_w: float = 80.0):
+    return decide(PolicyInputs(100.0, plan(slots, quota), tuple(jobs), True, NO_CONDITIONS,
+                               slot_w, throttle_cores=cores), CFG)
+
+
+def test_without_throttling_a_wide_job_waits_for_all_its_cores() -> None:
+    d = run(2, job("wide", L, cores=4))
+    assert not d.of(Start) and d.filler == 2
+
+
+def test_a_wide_job_starts_throttled_on_the_free_slots_instead_of_filler() -> None:
+    d = run_throttled(2, job("wide", L, cores=4))
+    assert names(d.of(Start)) == ["wide"]
+    assert d.filler == 0 and d.free_slots == 0 and d.request is None
+
+
+def test_narrower_jobs_that_fit_go_first_then_the_wide_one_takes_what_is_left() -> None:
+    d = run_throttled(3, job("wide", H, cores=4, order=0), job("small", B, cores=2, order=1))
+    assert names(d.of(Start)) == ["small", "wide"]
+    assert d.filler == 0
+
+
+def test_no_more_running_jobs_than_slots_when_throttled() -> None:
+    # each running job must get at least one slot's worth of the quota
+    d = run_throttled(2, job("a", L, Phase.RUNNING, cores=4, order=0),
+                      job("b", L, cores=4, order=1), job("c", L, cores=4, order=2))
+    assert names(d.of(Start)) == ["b"]
+
+
+def test_shedding_keeps_throttled_jobs_while_each_has_a_slot() -> None:
+    jobs = (job("high", H, Phase.RUNNING, cores=4, since=1.0, order=0),
+            job("low", L, Phase.RUNNING, cores=2, since=2.0, order=1),
+            job("bg", B, Phase.RUNNING, cores=1, since=3.0, order=2))
+    assert not run_throttled(3, *jobs).actions  # 7 cores on 3 slots: slower, all running
+    d = run_throttled(2, *jobs)  # two slots: the background job goes
+    assert d.actions == (Suspend("bg", 1),)
+    d = run(2, *jobs)  # without throttling, the high one does not fit: everything goes
+    assert set(names(d.of(Suspend))) == {"high", "low", "bg"}
+
+
+def test_the_request_offers_room_for_a_wide_job_but_not_for_more_jobs_than_slots() -> None:
+    d = run_throttled(6, job("r", L, Phase.RUNNING, cores=4, order=0),
+                      job("s", L, Phase.RUNNING, cores=1, order=1), cores=12)
+    assert d.request is not None and d.free_slots == 1
+    # 4 more jobs could each still get a slot; the heat budget stays the one free slot's
+    assert d.request.free_slots == 4 and d.request.heat_budget_w == 80.0
+    d = run_throttled(2, job("s", L, Phase.RUNNING, cores=1, order=1))
+    assert d.request is not None and d.request.free_slots == 1
+
+
+def test_no_wide_offer_while_a_job_waits_here() -> None:
+    d = run_throttled(2, job("r", L, Phase.RUNNING, order=0), cores=8)
+    assert d.request is not None and d.request.free_slots == 1
+    d = run_throttled(3, job("r", L, Phase.RUNNING, cores=2, order=0),
+                      job("w", L, Phase.SUSPENDED, cores=9, order=1), cores=8)
+    assert not d.of(Resume)  # wider than the radiator's cores: never
+    assert d.request is not None and d.request.free_slots == 1
+
+
+@given(st.integers(0, 6), st.floats(0.0, 1.0),
+       st.lists(st.tuples(prios, phases, st.integers(1, 4), st.floats(0, 1000)), max_size=10),
+       st.booleans())
+def test_throttled_jobs_never_make_more_heat_than_the_plan(
+    slots: int, quota: float, spec: list[tuple[Priority, Phase, int, float]], tripped: bool,
+) -> None:
+    jobs = [job(f"j{i}", p, ph, c, since=s, order=i) for i, (p, ph, c, s) in enumerate(spec)]
+    cond = Conditions(heat_forbidden=tripped)
+    d = decide(PolicyInputs(500.0, plan(slots, quota), tuple(jobs), True, cond, 80.0,
+                            throttle_cores=4), CFG)
+    gone = {a.job_id for a in d.actions if isinstance(a, Return | Suspend)}
+    started = {a.job_id for a in d.actions if isinstance(a, Start | Resume)}
+    running = [j for j in jobs if j.phase is Phase.RUNNING and j.job_id not in gone]
+    running += [j for j in jobs if j.job_id in started]
+    allowed = slots if quota > 0 and not tripped else 0
+    # the quota caps the jobs together at the plan's slots: what can exceed them is only
+    # the jobs' cores (throttled), never their number, and then no filler runs beside them
+    assert len(running) + d.filler <= allowed
+    if sum(j.cores for j in running) + d.filler > allowed:
+        assert d.filler == 0
+    assert not started & gone
+
+
+def test_urgent_cores_is_every_jobs_cores_while_high_work_is_here() -> None:
+    assert urgent_cores([job("a", L, cores=2), job("b", B, Phase.RUNNING, cores=1)]) == 0
+    assert urgent_cores([job("a", L, cores=2), job("h", H, Phase.SUSPENDED, cores=1)]) == 3
+    assert urgent_cores([]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,6 +13,8 @@ from typing import Any
 import psutil
 import pytest
 
+from qrad_agent.actuators.base import LeverError
+from qrad_agent.actuators.cgroups import QuotaLever
 from qrad_agent.actuators.settings import WorkersConfig
 from qrad_agent.core.jobs import Conditions
 from qrad_agent.core.models import Plan
@@ -21,7 +24,15 @@ from qrad_agent.jobs.sandbox import Sandbox
 from qrad_agent.jobs.scheduler import JobScheduler, make_filler
 from qrad_agent.jobs.spec import JobSpec, JobState, JobStatus, parse_spec
 from qrad_agent.store.db import Database
-from tests.test_jobs_sandbox import JobEnv, alive, job_env_lifetime, wait_for
+from tests.test_jobs_sandbox import (
+    JobEnv,
+    alive,
+    cgroup_parent_lifetime,
+    job_env_lifetime,
+    make_cgroup,
+    skip,
+    wait_for,
+)
 
 NODE = "n1"
 MODEL = PowerModel(idle_w=20.0, slot_w=100.0, freq_exponent=1.5, max_freq_khz=2_000_000)
@@ -349,3 +360,38 @@ def test_status_seq_grows_with_each_change(
                     (JobState.CANCELLED, 5)]
     assert isinstance(sched.ledger.get("s").report, JobStatus)  # type: ignore[union-attr]
     assert (job_env.work / "run").is_dir() and not list((job_env.work / "run").glob("s.*"))
+
+
+def test_a_wide_job_starts_throttled_only_where_the_quota_caps_the_jobs(
+    job_env: JobEnv, tmp_path: Path
+) -> None:
+    """A 2-core job on a 1-slot plan (decision 0017): below the workers' cgroup, whose quota
+    the plan sets, it starts at once (the quota keeps the heat the plan's, and the lever
+    writes one CPU's worth, full quota or not); without that cgroup it waits."""
+    parents = cgroup_parent_lifetime()
+    parent = next(parents)
+    cg = make_cgroup(parent)
+    if cg.quota_use is None:
+        skip(f"no cgroup quota here: {cg.quota_why}")
+    boxes = {"capped": Sandbox(job_env.config(), job_env.work, cg),
+             "uncapped": Sandbox(job_env.config(), job_env.work / "u")}
+    try:
+        for name, box in boxes.items():
+            sched = JobScheduler(job_env.config(), NODE,
+                                 Ledger(Database(tmp_path / f"{name}.db")), box, slots=2)
+            sched.start()
+            sched.apply(Plan(1, 2_000_000, 1.0))
+            sched.offer(job(job_env, f"wide-{name}", "import time; time.sleep(30)", cores=2))
+            want = "running" if name == "capped" else "queued"
+            assert sched.jobs() == {(f"wide-{name}", 1): want}, name
+            sched.restore()
+        lever = QuotaLever(cg, cpus=4)
+        lever.apply(Plan(1, 2_000_000, 1.0))
+        assert cg.quota()[0] == cg.cfg.period_us  # one CPU for the group, at full quota
+        lever.restore()
+    finally:
+        for box in boxes.values():
+            box.close()
+        with contextlib.suppress(LeverError):
+            cg.release()
+        next(parents, None)

@@ -460,8 +460,9 @@ class QuotaLever:
 
     name = "quota"
 
-    def __init__(self, cgroup: WorkerCgroup) -> None:
+    def __init__(self, cgroup: WorkerCgroup, cpus: int | None = None) -> None:
         self.cgroup = cgroup
+        self.cpus = cpus or os.cpu_count() or 1
         self._asked: int | None = -1  # quota_us last written; -1 = nothing written yet
         self._ticks = 0
         self._slots = 0
@@ -487,10 +488,14 @@ class QuotaLever:
         self._ticks = 0
 
     def quota_us(self, plan: Plan) -> int | None:
-        """The group's quota for ``plan``: None (unlimited) at full quota."""
-        if plan.quota >= 1.0:
+        """The group's quota for ``plan``: ``quota x slots`` CPUs; None (unlimited) only when
+        that is every CPU the board has. At full quota on fewer slots it is a limit all the
+        same: the group's jobs may have more threads than the plan has slots (a job wider
+        than the free slots starts throttled, decision 0017), and the heat must stay the
+        plan's."""
+        cores = max(min(plan.quota, 1.0), 0.0) * plan.slots
+        if cores >= self.cpus:
             return None
-        cores = max(plan.quota, 0.0) * plan.slots
         return max(MIN_QUOTA_US, round(cores * self.cgroup.cfg.period_us))
 
     def read_back(self) -> dict[str, Any]:

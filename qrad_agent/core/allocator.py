@@ -14,6 +14,12 @@ For a given heat, many slots at a low frequency compute more than few slots at a
 (dynamic power grows faster than frequency), so the allocator runs as many slots as can each
 be kept at or above the lowest frequency, and throttles with the quota only below that.
 
+Urgent work (``urgent_cores``, a hint the job policy gives: decision 0018) turns that
+round: while high-priority work runs or waits here, the allocator runs only as many slots as
+the jobs here have cores (never fewer than the heat needs at full speed), so the same heat
+comes from fewer slots at a higher frequency and the jobs finish sooner. The slots it drops
+are filler's (every job still has its cores), so the step down pauses no job.
+
 When no heat is wanted the slots are first paused (quota 0: frozen, SIGSTOPped), and stopped
 only after ``stop_after_s`` of continued zero demand: a window airing or an hour of sun must
 not kill and restart the work that makes the heat.
@@ -54,6 +60,9 @@ class Allocator:
         self._last_start: float = -math.inf
         self._last_stop: float = -math.inf
         self.paused_since: float | None = None  # slots frozen since then (no heat wanted)
+        # cores of the jobs here while urgent work is among them (0: none), from the job policy
+        # (core/jobs.py urgent_cores); the caller sets it before ``allocate``
+        self.urgent_cores = 0
 
     def allocate(self, now: float, demand: float, limit: float = 1.0) -> Plan:
         """The plan for ``demand``, never above ``limit`` (a safety cap on demand).
@@ -96,10 +105,21 @@ class Allocator:
         may_start = now - self._last_stop >= cfg.min_off_s
         if n == 0:
             if u >= cfg.start_demand and may_start:
-                return max(1, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
+                n = max(1, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
+                if self.urgent_cores > 0:
+                    n = max(1, math.ceil(wanted - 1e-9), min(self.urgent_cores, n))
+                return min(self.n_max, n)
             return 0
         needed = math.ceil(wanted - 1e-9)  # below this the running slots cannot make the heat
-        up = max(needed, self._efficient(wanted * (1 - cfg.slot_hysteresis)))
+        efficient = self._efficient(wanted * (1 - cfg.slot_hysteresis))
+        if self.urgent_cores > 0:
+            # speed over efficiency: as many slots as the jobs have cores, at a higher frequency
+            fast = min(self.n_max, max(needed, min(self.urgent_cores, efficient)))
+            if fast > n and may_start:
+                return fast
+            # down: only slots no job needs stop (filler's), so no job is paused by it
+            return max(fast, min(n, self.urgent_cores)) if fast < n else n
+        up = max(needed, efficient)
         if up > n and may_start:
             return up
         # No step down while heat is wanted: n slots throttled by the quota at the lowest

@@ -19,17 +19,28 @@ The rules, in the order they are applied:
 3. *Fill*. Free slots go to waiting jobs by priority, then arrival order; a suspended job
    goes before a queued one of the same priority (its work is already half done). A job
    needs ``cores`` slots; one that does not fit lets a smaller one behind it run.
+   *Throttled starts* (only where the plan's quota caps all jobs together, ``throttle_cores``
+   > 0, decision 0017): a waiting job that does not fit the free slots starts all the same
+   while there are fewer running jobs than slots; the jobs share the quota of the plan's
+   slots, so the heat stays what the plan says and a job runs slower instead of waiting.
+   Shedding then keeps running jobs while there are no more of them than slots.
 4. *Filler*. Slots still free while heat is wanted run filler work (a CPU burner or a
    volunteer-computing client). Filler never holds a slot against a job: it is counted as
    free, so real work pre-empts it in the same decision.
 5. *Ask*. With heat wanted and free slots, a work request goes out, at most once per
    ``request_interval_s``; none while draining, none while a trip forbids heat, none with
-   the mode ``off`` or a warm season.
+   the mode ``off`` or a warm season. With throttled starts and nothing waiting here, the
+   request offers room for jobs wider than the free slots, up to ``throttle_cores``, but for
+   no more jobs than could all start now (a dispatcher places a job only where its cores fit
+   the free slots); the heat budget stays that of the free slots.
+6. *Hint*. :func:`urgent_cores` tells the allocator when high-priority work is here, so it
+   runs fewer slots at a higher frequency for the same heat (decision 0018).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -111,6 +122,10 @@ class PolicyInputs:
     conditions: Conditions = Conditions()
     slot_w: float = 0.0  # watts one slot makes under the current plan
     next_request_at: float = -math.inf  # no work request before this (interval, retry-after)
+    # The radiator's cores when the plan's quota caps the CPU time of all jobs together at
+    # plan.slots x quota CPUs whatever their cores (decision 0017): then a job may start on
+    # fewer free slots than its cores, throttled. 0: a job starts only on all its cores.
+    throttle_cores: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +184,17 @@ def heat_wanted(plan: Plan, conditions: Conditions) -> bool:
             and not conditions.mode_off)
 
 
+def urgent_cores(jobs: Iterable[JobView]) -> int:
+    """The allocator's hint (decision 0018): while high-priority work runs or waits here, the
+    cores all the jobs here need (they all run on the slots the hint asks for, the urgent
+    ones first); 0 when there is none, and the allocator favours efficiency again."""
+    total, urgent = 0, False
+    for job in jobs:
+        total += job.cores
+        urgent = urgent or job.priority is Priority.HIGH
+    return total if urgent else 0
+
+
 def decide(inputs: PolicyInputs, cfg: PolicyConfig) -> PolicyDecision:
     now, c = inputs.now, inputs.conditions
     heat = heat_wanted(inputs.plan, c)
@@ -184,27 +210,50 @@ def decide(inputs: PolicyInputs, cfg: PolicyConfig) -> PolicyDecision:
         else:
             actions.append(Return(job.job_id, job.attempt, reason))
 
-    # 2. shed: lowest priority first, newest first within a priority
+    # 2. shed: keep by priority, oldest first within one; the first job that does not keep
+    # its place is suspended with everything after it (lowest priority, newest first). A job
+    # keeps its place when it fits; with throttled starts, while every job kept still gets
+    # at least one slot's worth of the quota (no more jobs than slots).
+    throttle = inputs.throttle_cores > 0
     running = [j for j in kept if j.phase is Phase.RUNNING]
-    occupied = sum(j.cores for j in running)
+    running.sort(key=lambda j: (j.priority.rank, j.since, j.order))
+    occupied = n_running = 0
     just_suspended: set[tuple[str, int]] = set()
-    for job in sorted(running, key=lambda j: (-j.priority.rank, -j.since, -j.order)):
-        if occupied <= capacity:
-            break
-        actions.append(Suspend(job.job_id, job.attempt))
-        just_suspended.add(job.key)
-        occupied -= job.cores
+    for i, job in enumerate(running):
+        if occupied + job.cores <= capacity or (throttle and n_running < capacity):
+            occupied += job.cores
+            n_running += 1
+            continue
+        for gone in reversed(running[i:]):
+            actions.append(Suspend(gone.job_id, gone.attempt))
+            just_suspended.add(gone.key)
+        break
 
     # 3. fill: priority, then suspended before queued, then arrival; a job suspended just
     # now is not a candidate, or a slot count that wobbles would flap it
     waiting = [j for j in kept if j.phase is not Phase.RUNNING and j.key not in just_suspended]
     waiting.sort(key=lambda j: (j.priority.rank, j.phase is not Phase.SUSPENDED, j.order))
     free = capacity - occupied
+    left: list[JobView] = []
     for job in waiting:
         if job.cores <= free:
-            actions.append(Resume(job.job_id, job.attempt) if job.phase is Phase.SUSPENDED
-                           else Start(job.job_id, job.attempt))
+            actions.append(_run(job))
             free -= job.cores
+            n_running += 1
+        else:
+            left.append(job)
+    if throttle:
+        # what waits does not fit the free slots: it starts all the same, throttled, while
+        # every running job still gets at least one slot's worth of the quota
+        for job in list(left):
+            if n_running >= capacity:
+                break
+            if job.cores <= inputs.throttle_cores:
+                actions.append(_run(job))
+                left.remove(job)
+                n_running += 1
+                free -= job.cores
+    free = max(0, free)
 
     # 4. filler in what is left
     filler = free if heat and inputs.filler_available else 0
@@ -213,8 +262,18 @@ def decide(inputs: PolicyInputs, cfg: PolicyConfig) -> PolicyDecision:
     request: WorkRequest | None = None
     why = _why_no_request(heat, free, c, now, inputs.next_request_at)
     if not why:
-        request = WorkRequest(free, round(free * max(0.0, inputs.slot_w), 1), cfg.horizon_s)
-    return PolicyDecision(tuple(actions), filler, request, capacity, max(0, free), why)
+        offered = free
+        if throttle and not left:
+            # room for wider jobs than the free slots, but for no more jobs than can start at
+            # once with a slot's worth each; the budget is still the free slots' heat
+            offered = max(free, min(inputs.throttle_cores, capacity - n_running))
+        request = WorkRequest(offered, round(free * max(0.0, inputs.slot_w), 1), cfg.horizon_s)
+    return PolicyDecision(tuple(actions), filler, request, capacity, free, why)
+
+
+def _run(job: JobView) -> Action:
+    return Resume(job.job_id, job.attempt) if job.phase is Phase.SUSPENDED \
+        else Start(job.job_id, job.attempt)
 
 
 def _return_reason(

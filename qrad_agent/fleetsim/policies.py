@@ -5,7 +5,10 @@ policies.
   allocator (``core/controller.py``) decide the compute plan, the job policy
   (``core/jobs.py`` :func:`decide`) decides which jobs hold the slots, whether filler runs
   and when to ask the fleet for work. The room temperature reaches the controller through
-  the real TMP102 driver reading a register-level TMP102 emulator.
+  the real TMP102 driver reading a register-level TMP102 emulator. As on a board whose quota
+  lever caps the workers' group at full quota too (decision 0017), jobs wider than the free
+  slots start throttled; they share the plan's slots equally. The policy's hint for urgent
+  work reaches the allocator before each decision (decision 0018).
 - :class:`HysteresisRadiator`: the hysteresis policy of Qarnot's scheduler simulation, as
   issue 9 states it (:data:`HYSTERESIS`): fixed temperature thresholds above and below the
   target start and stop filler, low-priority and high-priority work, and the CPU frequency
@@ -42,6 +45,7 @@ from qrad_agent.core.jobs import (
     Suspend,
     WorkRequest,
     decide,
+    urgent_cores,
 )
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -153,6 +157,9 @@ class SimRadiator:
         self.quota = 1.0
         self.filler = 0  # filler workers running
         self.fills_gaps = False  # a slot a job leaves mid-period goes to filler at once
+        # CPUs' worth of slots the quota caps all jobs together at (None: no cap); jobs with
+        # more cores running share them, one equal share per job (decision 0017)
+        self.job_slots: int | None = None
         self._share: dict[int, float] = {}
 
     # -- sensing -------------------------------------------------------------------------
@@ -193,6 +200,23 @@ class SimRadiator:
             share = self._share[freq_khz] = self.model.slot_share(freq_khz)
         return share
 
+    def _throttled(self, running: list[Held]) -> dict[str, float]:
+        """Cores' worth each running job gets when together they have more cores than the
+        quota gives them CPUs: each job's cgroup has the same weight under the workers'
+        group, so the kernel shares the CPUs equally between jobs, and a job that cannot use
+        its equal share (fewer cores) leaves the rest to the others. Empty: no throttling."""
+        cap = self.job_slots
+        if cap is None or sum(h.job.spec.cores for h in running) <= cap:
+            return {}
+        out: dict[str, float] = {}
+        left, n = float(cap), len(running)
+        for h in sorted(running, key=lambda h: h.job.spec.cores):
+            got = min(float(h.job.spec.cores), left / n)
+            out[h.job.spec.job_id] = got
+            left -= got
+            n -= 1
+        return out
+
     # -- one period of physics ---------------------------------------------------------------
     def advance(self, now: float, dt: float, outdoor_c: float, gains_w: float, setpoint_c: float,
                 scored: bool, queue_has_work: bool) -> list[LiveJob]:
@@ -205,11 +229,11 @@ class SimRadiator:
         job_core_s = 0.0
         filler_core_s = self.filler * dt
         finished: list[LiveJob] = []
-        for h in self.held.values():
-            if h.phase is not Phase.RUNNING:
-                continue
+        running = [h for h in self.held.values() if h.phase is Phase.RUNNING]
+        width = self._throttled(running)
+        for h in running:
             job = h.job
-            cores = job.spec.cores
+            cores = width.get(job.spec.job_id, job.spec.cores)
             rate = cores * core_rate
             left = job.spec.work_s - job.done_s
             if rate > 0.0 and left <= rate * dt:
@@ -269,8 +293,12 @@ class AgentRadiator(SimRadiator):
     policy = "agent"
 
     def __init__(self, spec: RoomSpec, seed: int, noise_k: float, cfg: AgentConfig,
-                 policy_cfg: PolicyConfig) -> None:
+                 policy_cfg: PolicyConfig, throttled_starts: bool = True,
+                 speed_hint: bool = True) -> None:
         super().__init__(spec, seed, noise_k)
+        # the board's quota caps all jobs together at plan.slots x quota CPUs (decision 0017)
+        self.throttle_cores = self.cores if throttled_starts else 0
+        self.speed_hint = speed_hint  # urgent work: fewer slots at a higher frequency (0018)
         cfg = config_for_scenario(cfg, spec.scenario)
         self.allocator = make_allocator(cfg, self.cores, self.min_khz, self.max_khz,
                                         self.freq_table)
@@ -285,10 +313,13 @@ class AgentRadiator(SimRadiator):
     def control(self, now: float, local: datetime, outdoor_c: float) -> list[LiveJob]:
         """One control tick: sense, decide the plan, then the jobs. Returns jobs returned."""
         room_c = self.read_room(now)
+        if self.speed_hint:
+            self.allocator.urgent_cores = urgent_cores(h.policy_view() for h in self.held.values())
         decision = self.controller.decide(now, local, RoomEstimate(room_c, 1, 1), outdoor_c)
         self.plan = decision.plan
         self.freq_khz = self.plan.freq_khz
         self.quota = self.plan.quota
+        self.job_slots = self.plan.slots if self.throttle_cores else None
         return self.schedule(now)
 
     def schedule(self, now: float) -> list[LiveJob]:
@@ -299,7 +330,8 @@ class AgentRadiator(SimRadiator):
             slot_w = self.model.slot_w * self._slot_share(plan.freq_khz) * max(0.0, plan.quota)
         views = tuple(h.policy_view() for h in self.held.values())
         d = decide(PolicyInputs(now=now, plan=plan, jobs=views, slot_w=slot_w,
-                                next_request_at=self.next_request_at), self.policy_cfg)
+                                next_request_at=self.next_request_at,
+                                throttle_cores=self.throttle_cores), self.policy_cfg)
         returned: list[LiveJob] = []
         for action in d.actions:
             h = self.held[action.job_id]

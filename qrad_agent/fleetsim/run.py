@@ -113,6 +113,10 @@ class FleetConfig:
     max_attempts: int = 3  # the reference dispatcher's default
     sensor_noise_k: float = 0.02
     grace_s: float = 1800.0  # the job policy's default: suspended this long -> returned
+    # a job wider than the free slots starts on them, throttled by the quota (decision 0017)
+    throttled_starts: bool = True
+    # urgent work here: the allocator runs fewer slots at a higher frequency (decision 0018)
+    speed_hint: bool = True
 
 
 def default_warmup_h(days: float) -> float:
@@ -397,7 +401,7 @@ def _run_agent(cfg: FleetConfig, rooms: list[RoomSpec], fleet: _Fleet,
     base = base.model_copy(update={"control": base.control.model_copy(
         update={"period_s": cfg.period_s, "sensor_period_s": min(cfg.period_s, 60.0)})})
     pcfg = PolicyConfig(grace_s=cfg.grace_s)
-    args = (cfg.seed, cfg.sensor_noise_k, base, pcfg)
+    args = (cfg.seed, cfg.sensor_noise_k, base, pcfg, cfg.throttled_starts, cfg.speed_hint)
     cut = len(rooms) - len(rooms) // 2 if shards > 1 else len(rooms)
     local = AgentShard(rooms[:cut], *args)
     # the worker's slice goes first in each round, so it computes while this process does
@@ -618,7 +622,9 @@ def format_table(result: FleetResult) -> str:
     head = (f"{c.radiators} radiators x {c.days:g} days, seed {c.seed}, period {c.period_s:g} s, "
             f"{result.jobs_in_trace} jobs ({c.load_core_h:g} core-h per radiator-weekday); "
             f"heat and comfort scored after {c.warmup_h:g} h"
-            + (f"; jobs on at most {c.max_job_cores} core(s)" if c.max_job_cores < 4 else ""))
+            + (f"; jobs on at most {c.max_job_cores} core(s)" if c.max_job_cores < 4 else "")
+            + ("" if c.throttled_starts else "; no throttled starts")
+            + ("" if c.speed_hint else "; no speed hint"))
     width = max(len(r[0]) for r in rows)
     lines = [head, f"{'':<{width}} {'agent':>10} {'hysteresis':>10} {'ratio':>7}"]
     lines += [f"{n:<{width}} {x:>10} {y:>10} {z:>7}" for n, x, y, z in rows]

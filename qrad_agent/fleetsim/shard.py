@@ -45,8 +45,10 @@ class AgentShard:
     """Radiators under the agent's policy, driven a period at a time."""
 
     def __init__(self, rooms: Sequence[RoomSpec], seed: int, noise_k: float, cfg: AgentConfig,
-                 policy_cfg: PolicyConfig) -> None:
-        self.rads = [AgentRadiator(r, seed, noise_k, cfg, policy_cfg) for r in rooms]
+                 policy_cfg: PolicyConfig, throttled_starts: bool = True,
+                 speed_hint: bool = True) -> None:
+        self.rads = [AgentRadiator(r, seed, noise_k, cfg, policy_cfg, throttled_starts,
+                                   speed_hint) for r in rooms]
         self.at = {a.node: a for a in self.rads}
         self._cpu_started = time.process_time()
 
@@ -108,8 +110,9 @@ class LocalShard:
 
 
 def _serve(conn: Connection, rooms: Sequence[RoomSpec], seed: int, noise_k: float,
-           cfg: AgentConfig, policy_cfg: PolicyConfig) -> None:
-    shard = AgentShard(rooms, seed, noise_k, cfg, policy_cfg)
+           cfg: AgentConfig, policy_cfg: PolicyConfig, throttled_starts: bool,
+           speed_hint: bool) -> None:
+    shard = AgentShard(rooms, seed, noise_k, cfg, policy_cfg, throttled_starts, speed_hint)
     while True:
         method, args = conn.recv()
         if method == "stop":
@@ -122,12 +125,14 @@ class RemoteShard:
     """A slice in a worker process (forked: it gets the rooms and config as they are)."""
 
     def __init__(self, rooms: Sequence[RoomSpec], seed: int, noise_k: float, cfg: AgentConfig,
-                 policy_cfg: PolicyConfig) -> None:
+                 policy_cfg: PolicyConfig, throttled_starts: bool = True,
+                 speed_hint: bool = True) -> None:
         self.nodes = [r.node for r in rooms]
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, list(rooms), seed, noise_k, cfg,
-                                                     policy_cfg), daemon=True)
+                                                     policy_cfg, throttled_starts,
+                                                     speed_hint), daemon=True)
         self.proc.start()
         child.close()
 

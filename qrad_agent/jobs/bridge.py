@@ -164,6 +164,9 @@ class JobsBridge:
         power = getattr(self.agent, "last_power", None)
         sched.account(sched.clock(), getattr(power, "watts", None))
         sched.step()
+        allocator = getattr(getattr(self.agent, "controller", None), "allocator", None)
+        if allocator is not None and hasattr(allocator, "urgent_cores"):
+            allocator.urgent_cores = sched.urgent_cores()  # read at the next control tick
         connected = self.link.connected
         if connected and not self._was_connected:
             self._republish()

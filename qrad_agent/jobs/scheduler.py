@@ -57,6 +57,7 @@ from qrad_agent.core.jobs import (
     Start,
     Suspend,
     decide,
+    urgent_cores,
 )
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -400,8 +401,19 @@ class JobScheduler:
         return decide(PolicyInputs(
             now=now, plan=self.plan, jobs=tuple(j.view() for j in self._jobs.values()),
             filler_available=self._filler_ok, conditions=self.conditions, slot_w=slot_w,
-            next_request_at=self._next_request_at,
+            next_request_at=self._next_request_at, throttle_cores=self._throttle_cores(),
         ), self.policy)
+
+    def _throttle_cores(self) -> int:
+        """The radiator's slots when the quota lever caps all jobs together (they live below
+        the workers' cgroup it throttles): then a job wider than the free slots may start,
+        throttled (decision 0017). 0 otherwise: a job would heat above the plan."""
+        cgroup = self.sandbox.cgroup
+        return self.slots if cgroup is not None and cgroup.quota_use is not None else 0
+
+    def urgent_cores(self) -> int:
+        """The allocator's hint while high-priority work is here (decision 0018)."""
+        return urgent_cores(j.view() for j in self._jobs.values())
 
     def _carry_out(self, decision: PolicyDecision, now: float) -> bool:
         failed = False
