@@ -10,8 +10,13 @@ so no lock guards the database.
   with ``retry_after_s`` so it does not ask again at once.
 - ``{node}/jobs/{job}/status``: applied to the job (renew the lease, done, requeue); a
   success that voids a lease held elsewhere sends that radiator a signed ``cancel``.
-- ``{node}/status``: ``lost`` (the node's will) requeues every job it held.
-- every ``tick_s``: leases that lapsed are requeued.
+- ``{node}/status``: ``lost`` (the node's will) is counted, and requeues nothing: the
+  will says the broker lost the connection, not that the radiator stopped its jobs. It
+  kills them only when its own lease lapses (the lease runs from the last status the broker
+  took, so it ends before the one kept here), so the leases decide when a job may run
+  elsewhere (docs/decisions/0014-chaos.md).
+- every ``tick_s``: leases that lapsed are requeued; none lapses while the dispatcher is
+  disconnected, and each runs whole again from a reconnect (``Dispatcher.__init__``).
 
 Several dispatchers can share the load: they subscribe through the MQTT 5 shared
 subscription group ``$share/{group}/...`` (each message goes to one of them) and share the
@@ -25,8 +30,10 @@ publish only below its own id, so the topic is what was authenticated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -44,8 +51,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
-from qrad_agent.fleet.placement import FleetState, Request, Verdict
-from qrad_agent.fleet.queue import FleetQueue
+from qrad_agent.fleet.placement import FleetState, Request, Transition, Verdict
+from qrad_agent.fleet.queue import Assignment, FleetQueue
 from qrad_agent.jobs.spec import JobStatus, WorkRequestMessage
 from qrad_agent.link.messages import NodeStatus, StatusMessage
 from qrad_agent.link.security import make_envelope
@@ -53,6 +60,14 @@ from qrad_agent.link.security import make_envelope
 log = logging.getLogger(__name__)
 
 PREFIX = "qrad/v1"
+_LISTENING, _DEAF = "$connected", "$disconnected"  # on the inbox; no topic is like them
+# The broker keeps the dispatcher's session (its subscriptions and the statuses and requests
+# sent to it) while it reconnects: a radiator back before it (after a broker restart, say)
+# reports a result, the broker takes it and the radiator forgets it; without the session the
+# result was dropped, the lease lapsed and the finished job ran again. Short, because
+# Mosquitto hands shared-subscription messages to offline members too: the session of a
+# dispatcher that does not come back (another client id) takes its share for this long.
+SESSION_EXPIRY_S = 60
 
 
 @dataclass(frozen=True)
@@ -94,11 +109,22 @@ def connect_client(cfg: BrokerConfig, client_id: str, *, session_expiry: int = 0
     if on_connect is not None:
         c.on_connect = on_connect
     c.reconnect_delay_set(1, 30)
+    c.on_socket_open = _no_delay
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry
-    c.connect_async(cfg.host, cfg.port, keepalive=30, clean_start=True, properties=props)
+    # clean only at the first connect: a reconnect resumes the session, so what the broker
+    # queued for it meanwhile (with session_expiry > 0) arrives
+    c.connect_async(cfg.host, cfg.port, keepalive=30,
+                    clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
     c.loop_start()
     return c
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    # an assignment goes out just after the PUBACKs of the statuses that came with its
+    # request: with Nagle's algorithm it waited for the broker's delayed ACK (~40 ms)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Signer:
@@ -146,8 +172,10 @@ class Dispatcher:
         tick_s: float = 0.5,
         envelope_ttl_s: float = 120.0,
         client_id: str | None = None,
+        session_expiry_s: int = SESSION_EXPIRY_S,
     ) -> None:
         self.broker = broker
+        self.session_expiry_s = session_expiry_s
         self.queue = FleetQueue.open(db_path)
         self.signer = Signer(signing_key, envelope_ttl_s)
         self.prefix = prefix
@@ -161,12 +189,19 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self.connected = threading.Event()
+        # Leases lapse only while the dispatcher can hear the radiators renew them: not while
+        # it is disconnected, and each lease runs whole again from a reconnect (what the
+        # radiators sent meanwhile, kept in the session, renews it then). Otherwise a cut of
+        # the dispatcher's own link requeued jobs their radiators still ran.
+        self._listening = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Dispatcher:
         self._client = connect_client(self.broker, self.client_id, on_message=self._on_message,
-                                      on_connect=self._on_connect)
+                                      on_connect=self._on_connect,
+                                      session_expiry=self.session_expiry_s)
+        self._client.on_disconnect = self._on_disconnect
         self._thread = threading.Thread(target=self._run, name="qrad-dispatcher", daemon=True)
         self._thread.start()
         return self
@@ -214,7 +249,12 @@ class Dispatcher:
             log.error("dispatcher: the broker refused the connection: %s", reason)
             return
         client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._filters()])
+        self._inbox.put((_LISTENING, b""))  # before what the session kept: it follows
         self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       props: Any) -> None:
+        self._inbox.put((_DEAF, b""))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._inbox.put((msg.topic, bytes(msg.payload)))
@@ -247,7 +287,13 @@ class Dispatcher:
 
     def handle(self, items: list[tuple[str, bytes]]) -> None:
         requests: list[tuple[str, WorkRequestMessage]] = []
+        statuses: list[JobStatus] = []
         for topic, payload in items:
+            if topic in (_LISTENING, _DEAF):
+                self._listening = topic == _LISTENING
+                if self._listening:
+                    self.queue.extend_leases()
+                continue
             where = self._classify(topic)
             if where is None:
                 continue
@@ -259,21 +305,35 @@ class Dispatcher:
                         raise ValueError(f"request for {req.node} on {node}'s topic")
                     requests.append((node, req))
                 elif kind == "status":
-                    self._report(node, JobStatus.model_validate_json(payload))
+                    status = JobStatus.model_validate_json(payload)
+                    if status.node != node:
+                        raise ValueError(f"status from {status.node} on {node}'s topic")
+                    statuses.append(status)
                 elif kind == "node":
                     st = StatusMessage.model_validate_json(payload)
                     if st.status is NodeStatus.LOST:
+                        # not requeued here (module docstring): a radiator cut off, not
+                        # dead, still runs its jobs until its lease lapses
                         self.stats.lost_nodes += 1
-                        ids = self.queue.node_lost(node)
-                        if ids:
-                            log.info("dispatcher: %s is lost; requeued %s", node, ids)
+                        log.info("dispatcher: %s is lost; its jobs are requeued when their "
+                                 "leases lapse", node)
             except (ValidationError, ValueError) as exc:
                 self.stats.bad_messages += 1
                 log.warning("dispatcher: ignoring a bad message on %s: %s", topic, exc)
-        if requests:
-            self._answer(requests)
+        if not statuses and not requests:
+            return
+        # what arrived together is one durable commit (one sync): the statuses, then the
+        # placements; what it calls for (cancels, assignments) goes out once it is on disk
+        with self.queue.db.transaction(durable=True):
+            transitions = self.queue.report_many(statuses) if statuses else []
+            answers = self._place(requests) if requests else None
+        self._after_reports(statuses, transitions)
+        if answers is not None:
+            self._answer(*answers)
 
     def tick(self) -> None:
+        if not self._listening:
+            return  # nobody could renew a lease now (see __init__)
         ids = self.queue.expire()
         if ids:
             self.stats.expired += len(ids)
@@ -292,18 +352,17 @@ class Dispatcher:
             return "node", parts[0]
         return None
 
-    def _report(self, node: str, status: JobStatus) -> None:
-        if status.node != node:
-            raise ValueError(f"status from {status.node} on {node}'s topic")
-        self.stats.reports += 1
-        t = self.queue.report(status)
-        if t.cancel is not None:
-            other, _attempt = t.cancel
-            self.send_cancel(other, [status.job], "done elsewhere")
-        if t.verdict is Verdict.DONE:
-            log.debug("dispatcher: %s %s", status.job, t.state.value)
+    def _after_reports(self, statuses: list[JobStatus], transitions: list[Transition]) -> None:
+        self.stats.reports += len(statuses)
+        for status, t in zip(statuses, transitions, strict=True):
+            if t.cancel is not None:
+                other, _attempt = t.cancel
+                self.send_cancel(other, [status.job], "done elsewhere")
+            if t.verdict is Verdict.DONE:
+                log.debug("dispatcher: %s %s", status.job, t.state.value)
 
-    def _answer(self, requests: list[tuple[str, WorkRequestMessage]]) -> None:
+    def _place(self, requests: list[tuple[str, WorkRequestMessage]]
+               ) -> tuple[dict[str, WorkRequestMessage], list[Assignment]]:
         now = time.time()
         # the latest request of each node stands for it
         latest: dict[str, WorkRequestMessage] = {}
@@ -313,7 +372,10 @@ class Dispatcher:
         held = [Request(node, r.id, r.free_slots, r.heat_budget_w,
                         now + max(0.0, r.expires_at - r.at), r.max_cores, r.max_memory_mb,
                         r.max_timeout_s) for node, r in latest.items()]
-        assignments = self.queue.lease(held, now)
+        return latest, self.queue.lease(held, now)
+
+    def _answer(self, latest: dict[str, WorkRequestMessage],
+                assignments: list[Assignment]) -> None:
         by_node: dict[str, list[dict[str, Any]]] = {}
         for a in assignments:
             by_node.setdefault(a.node, []).append(a.spec.model_dump(mode="json"))

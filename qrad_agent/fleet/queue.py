@@ -235,6 +235,16 @@ class FleetQueue:
             raise QueueError(f"{status.state.value} is not a final state; use report()")
         return self.report(status, now)
 
+    def extend_leases(self, now: float | None = None) -> None:
+        """Every live lease runs at least its whole ``lease_s`` from ``now`` (the dispatcher
+        can hear renewals again after being cut off)."""
+        now = self.clock() if now is None else now
+        with self.db.transaction(durable=True) as conn:
+            conn.execute(
+                "UPDATE fleet_jobs SET lease_until = MAX(lease_until, ? + "
+                "json_extract(spec, '$.lease_s')) WHERE state IN ('leased', 'cancelling')",
+                (now,))
+
     def expire(self, now: float | None = None) -> list[str]:
         """Requeue every job whose lease lapsed; returns their ids."""
         now = self.clock() if now is None else now

@@ -87,6 +87,10 @@ log = logging.getLogger("qrad_agent.link")
 
 _COMMAND_NAMES = frozenset(c.value for c in CommandName)
 LOOP_TIMEOUT_S = 0.05  # the network thread's select timeout: bounds the PUBACK delay
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
+# job statuses nobody subscribed to: sent again, doubling, at most this far apart (well
+# inside a lease: the dispatcher gives each lease a whole run again when it reconnects)
+UNHEARD_RETRY_S = (1.0, 4.0)
 MAX_REPLY_TOPIC = 512
 MAX_CORRELATION = 256
 REMEMBERED_COMMANDS = 256  # ids of accepted commands, to recognise a broker redelivery
@@ -132,6 +136,7 @@ class LinkStats:
     published: int = 0
     acked: int = 0
     rejected_by_broker: int = 0
+    unheard: int = 0  # acks of job statuses that no subscriber got (kept, sent again)
     replayed_batches: int = 0
     refusals: list[str] = field(default_factory=list)  # the last few reasons, for people
 
@@ -158,6 +163,7 @@ class _Inbound:
 class _Acked:
     mid: int
     failure: str | None
+    unheard: bool = False  # PUBACK "No matching subscribers": nobody got it
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,15 @@ class FleetLink:
         self._inflight: dict[int, list[int]] = {}  # paho mid -> outbox row ids
         self._cursor_other = 0  # highest event/result/job row id handed to paho
         self._cursor_tel = 0  # same for telemetry
+        # Job statuses the broker acknowledged with "No matching subscribers" (no dispatcher
+        # was subscribed, e.g. it was still reconnecting after a broker restart): kept in the
+        # outbox and sent again from row ``_resend_from`` at ``_resend_at`` (real time). A
+        # status is delivered only when a dispatcher got it: the jobs bridge renews leases
+        # and forgets results on that, and a result nobody heard made the job run again.
+        self._job_rows: set[int] = set()  # JOB row ids handed to paho
+        self._resend_from: int | None = None
+        self._resend_at = 0.0
+        self._unheard_streak = 0
         self._backlog_mark = 0  # rows up to this id were stored before this connection
         self._next_live_at = self.clock.mono() + cfg.telemetry.period_s
         self._ha_dirty = False
@@ -460,6 +475,9 @@ class FleetLink:
                 self.outbox.retry_held()
             if not self._connected or not self._client.is_connected():
                 return
+            if self._resend_from is not None and time.monotonic() >= self._resend_at:
+                self._cursor_other = min(self._cursor_other, self._resend_from - 1)
+                self._resend_from = None
             self._flush_priority()
             self._flush_telemetry()
             self._flush_ha_state()
@@ -646,11 +664,17 @@ class FleetLink:
             rows = self.outbox.pending(kinds, self._cursor_other, self._room())
             if not rows:
                 return
+            flying = {i for ids in self._inflight.values() for i in ids}
             for row in rows:
+                if row.id in flying:  # sent again from before it (unheard): not twice
+                    self._cursor_other = row.id
+                    continue
                 if row.id <= self._backlog_mark and not self._bucket.take(len(row.payload)):
                     return
                 if not self._send(row.topic, row.payload, [row.id], row.correlation):
                     return
+                if row.kind is Kind.JOB:
+                    self._job_rows.add(row.id)
                 self._cursor_other = row.id
 
     def _flush_telemetry(self) -> None:
@@ -708,7 +732,28 @@ class FleetLink:
             self.stats.rejected_by_broker += 1
             log.error("the broker refused %d stored message(s): %s; they are dropped "
                       "(check the ACL for this node)", len(ids), item.failure)
+        jobs = [i for i in ids if i in self._job_rows]
+        self._job_rows.difference_update(jobs)
+        if jobs and item.unheard:
+            self._unheard(jobs)
+            ids = [i for i in ids if i not in jobs]
+        elif jobs:
+            self._unheard_streak = 0
         self.outbox.delete(ids)
+
+    def _unheard(self, ids: list[int]) -> None:
+        """Job statuses no dispatcher got (no subscriber): kept, sent again later."""
+        self.stats.unheard += 1
+        lo, hi = UNHEARD_RETRY_S
+        delay = min(hi, lo * 2.0 ** min(self._unheard_streak, 16))
+        self._unheard_streak += 1
+        first = min(ids)
+        self._resend_from = first if self._resend_from is None else min(self._resend_from,
+                                                                         first)
+        self._resend_at = time.monotonic() + delay
+        log.log(logging.WARNING if self._unheard_streak == 1 else logging.DEBUG,
+                "no dispatcher is subscribed to job statuses; %d kept, sent again in %.0f s",
+                len(ids), delay)
 
     def _on_connected_ctl(self, item: _Connected) -> None:
         self._connected = True
@@ -1002,7 +1047,8 @@ class FleetLink:
     def _cb_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Properties) -> None:
         with self._guard("publish"):
-            self._enqueue(_Acked(mid, str(reason) if reason.is_failure else None))
+            self._enqueue(_Acked(mid, str(reason) if reason.is_failure else None,
+                                 unheard=reason.value == NO_MATCHING_SUBSCRIBERS))
 
     def _cb_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
