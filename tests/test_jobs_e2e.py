@@ -258,16 +258,17 @@ def test_300_jobs_on_three_radiators_then_a_radiator_killed_mid_job(
         assert final is not None and final.result is not None
         assert final.result.node == agents[1].node and final.result.attempt == 2
         orphan = int(next(job_env.shared.glob("slow.1.*.start")).name.split(".")[2])
-        assert alive(orphan)  # the agent's death did not end its job
+        # the agent's death ended its job: the spawner saw the agent go and killed it, so
+        # attempt 1 did not run on while attempt 2 ran elsewhere
+        wait_until(lambda: not alive(orphan), 10, "orphan killed with its agent", logs)
         watcher.clear()
         victim.start()
-        # the restarted victim finds attempt 1 "running" in its ledger: it kills what is left
-        # of that run, reports it failed/interrupted, and never runs it again
+        # the restarted victim finds attempt 1 "running" in its ledger: it reports it
+        # failed/interrupted (and would kill what is left of it), and never runs it again
         r = watcher.expect(lambda m: m.topic == f"qrad/v1/nodes/{victim.node}/jobs/slow/status",
                            30)
         st = json.loads(r.payload)
         assert (st["attempt"], st["state"], st["reason"]) == (1, "failed", "interrupted"), st
-        wait_until(lambda: not alive(orphan), 10, "orphan killed", logs)
         time.sleep(1.0)
         assert marks(job_env, ".start")["slow"] == 1
         assert marks(job_env)["slow"] == 1  # only attempt 2 finished

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qrad_agent.jobs.spawner import Exit, Launch, Spawner, SpawnError
@@ -131,15 +132,20 @@ def test_a_dead_spawner_loses_the_exit_status_and_another_one_starts(
     assert os.waitstatus_to_exitcode(wait_exit(spawner, again).status or 0) == 5
 
 
-def test_closing_ends_the_spawner_but_not_the_jobs(tmp_path: Path) -> None:
+def test_when_the_agent_goes_its_jobs_go_with_the_spawner(tmp_path: Path) -> None:
+    """The socket closes (the agent died, or closed it with jobs still running): the spawner
+    kills each job's whole session, detached children of it too, then exits."""
     s = Spawner()
-    job = s.launch(launch(tmp_path, "sleep 30"))
-    pid = s.pid
-    assert pid is not None
+    job = s.launch(launch(tmp_path, "sleep 30 & sleep 30"))
+    spawner_pid = s.pid
+    assert spawner_pid is not None
+    deadline = time.monotonic() + 5
+    while len(psutil.Process(job).children()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tree = [job, *(c.pid for c in psutil.Process(job).children())]
     s.close()
     deadline = time.monotonic() + 5
-    while alive(pid) and time.monotonic() < deadline:
+    while any(alive(p) for p in (spawner_pid, *tree)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not alive(pid)
-    assert alive(job)  # the caller ends its jobs first; the spawner never kills them
-    os.kill(job, signal.SIGKILL)
+    assert not alive(spawner_pid)
+    assert not [p for p in tree if alive(p)]

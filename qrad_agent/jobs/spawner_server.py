@@ -23,7 +23,11 @@ and for every child that ends, ``{"exit": pid, "status": wait status, "cpu_s": u
 system seconds of it and its reaped descendants}``.
 
 It ignores SIGINT, SIGTERM and SIGHUP (a Ctrl-C on the agent's terminal must not take the
-jobs' exit statuses with it) and ends when the agent's end of the socket closes.
+jobs' exit statuses with it) and ends when the agent's end of the socket closes. If jobs
+still run then, the agent died (a clean stop ends them first): they are killed, each its
+session and its cgroups, so that no run outlives its agent while the fleet, once the lease
+lapses, runs the job elsewhere. (A detached process outside any cgroup can escape this;
+the agent's next start sweeps it by its token.)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 _IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -95,16 +100,17 @@ def _child(req: dict[str, Any], err_w: int) -> None:
     os._exit(127)
 
 
-def _fork(req: dict[str, Any]) -> tuple[Any, int, int]:
-    """Fork the child for ``req``: (request id, pid, read end of its error pipe)."""
-    rid = req["id"]
+def _fork(req: dict[str, Any]) -> tuple[Any, int, int, list[str]]:
+    """Fork the child for ``req``: (request id, pid, read end of its error pipe, the procs
+    files of its cgroups)."""
+    rid, procs = req["id"], list(req["procs"])
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
         _child(req, err_w)
     os.close(err_w)
-    return rid, pid, err_r
+    return rid, pid, err_r, procs
 
 
 def _outcome(rid: Any, pid: int, err_r: int) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def _outcome(rid: Any, pid: int, err_r: int) -> dict[str, Any]:
     return {"id": rid, **failure}
 
 
-def _exits() -> list[dict[str, Any]]:
+def _exits(live: dict[int, list[str]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     while True:
         try:
@@ -132,8 +138,37 @@ def _exits() -> list[dict[str, Any]]:
             return out
         if pid == 0:
             return out
+        live.pop(pid, None)
         out.append({"exit": pid, "status": status,
                     "cpu_s": round(usage.ru_utime + usage.ru_stime, 6)})
+
+
+def _kill_jobs(live: dict[int, list[str]]) -> None:
+    """The agent is gone: every job still running is killed, with all of its processes."""
+    for _ in range(50):  # until nothing is left (a fork may race a kill), 0.5 s at most
+        found = False
+        for leader, procs in live.items():
+            try:
+                os.killpg(leader, signal.SIGKILL)  # its session (the leader made it)
+                found = True
+            except OSError:
+                pass
+            for path in procs:
+                try:
+                    with open(path) as f:
+                        pids = [int(t) for t in f.read().split()]
+                except (OSError, ValueError):
+                    continue
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        found = True
+                    except OSError:
+                        pass
+        _exits(live)
+        if not found:
+            return
+        time.sleep(0.01)
 
 
 def serve(sock: socket.socket) -> int:
@@ -143,6 +178,7 @@ def serve(sock: socket.socket) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written
     buf = b""
+    live: dict[int, list[str]] = {}  # running jobs: leader pid -> its cgroups' procs files
 
     def send(msg: dict[str, Any]) -> None:
         sock.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
@@ -159,12 +195,16 @@ def serve(sock: socket.socket) -> int:
                         break
                 except BlockingIOError:
                     break
-        for msg in _exits():
+        for msg in _exits(live):
             send(msg)
         if sock.fileno() in ready:
-            data = sock.recv(1 << 20)
+            try:
+                data = sock.recv(1 << 20)
+            except OSError:
+                data = b""
             if not data:
-                return 0  # the agent is gone; its next run sweeps what is left
+                _kill_jobs(live)
+                return 0
             buf += data
             *lines, buf = buf.split(b"\n")
             # every child of the batch forks first, then each is waited for: their set-ups
@@ -176,7 +216,12 @@ def serve(sock: socket.socket) -> int:
                 except (ValueError, KeyError, TypeError) as exc:
                     replies.append({"id": None, "exec": False,
                                     "error": f"bad request to the spawner: {exc!r}"})
-            replies += [_outcome(*f) for f in forked]
+            procs = {f[0]: f[3] for f in forked}
+            for rid, pid, err_r, _ in forked:
+                reply = _outcome(rid, pid, err_r)
+                if "pid" in reply:
+                    live[pid] = procs[rid]
+                replies.append(reply)
             for reply in replies:
                 send(reply)
 
