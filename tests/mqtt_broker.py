@@ -89,6 +89,8 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Broker:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("this broker is running already (a second start would leak it)")
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.conf_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

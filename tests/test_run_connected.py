@@ -27,7 +27,7 @@ def test_agent_process_joins_the_fleet_obeys_a_signed_command_and_says_offline(
     key = Ed25519PrivateKey.generate()
     cfg = tmp_path / "agent.toml"
     public = public_key_b64(key.public_key())
-    with Broker(tmp_path / "broker").start() as broker:
+    with Broker(tmp_path / "broker") as broker:
         cfg.write_text(f"""
 [link]
 enabled = true
