@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from qrad_agent.actuators.cgroups import WorkerCgroup
@@ -293,6 +294,11 @@ def test_an_agent_killed_mid_job_reports_interrupted_and_never_runs_it_twice(
         peek = Ledger(Database(db_path))
         assert peek.claim(JobStatus(node=NODE, job="long", attempt=1, state=JobState.RUNNING,
                                     at=1.0), "other") is None
+        # the agent and its job spawner die at once (as in an OOM kill of both): nothing
+        # ends the job, so the next start must find it and kill it. (When only the agent
+        # dies, the spawner kills its jobs itself: tests/test_jobs_spawner.py.)
+        for child in psutil.Process(agent.pid).children():
+            child.kill()
         agent.send_signal(signal.SIGKILL)
         agent.wait(5)
     finally:
