@@ -473,7 +473,42 @@ def strict_json(raw: bytes) -> Any:
         raise
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"not JSON: {exc}") from None
+    if "\\u" in text:  # only an escape can smuggle in a lone UTF-16 surrogate
+        where = _lone_surrogate(value, "")
+        if where is not None:
+            # such a string cannot be written as UTF-8 again: not in a reply, not in the
+            # signer's canonical form, not in the database
+            raise ParseError(f"{where or '(message)'}: a lone UTF-16 surrogate escape (\\ud800 "
+                             "to \\udfff without its pair) is not a character")
     return value
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The key path of the first string (or key) in ``value`` holding a lone surrogate."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodable(value) else path
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else key
+            if not _encodable(key):
+                return path or "(a key)"
+            found = _lone_surrogate(item, sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def describe(exc: ValidationError, limit: int = 3) -> str:
