@@ -54,7 +54,7 @@ from pydantic import ValidationError
 from qrad_agent.fleet.placement import FleetState, Request, Transition, Verdict
 from qrad_agent.fleet.queue import Assignment, FleetQueue
 from qrad_agent.jobs.spec import JobStatus, WorkRequestMessage
-from qrad_agent.link.messages import NodeStatus, StatusMessage
+from qrad_agent.link.messages import NodeStatus, StatusMessage, strict_json
 from qrad_agent.link.security import make_envelope
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,14 @@ def connect_client(cfg: BrokerConfig, client_id: str, *, session_expiry: int = 0
                     clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
     c.loop_start()
     return c
+
+
+def _checked(payload: bytes) -> bytes:
+    """``payload`` if the agent's strict parser takes it (no NaN or Infinity, no integer
+    beyond 2^53, no lone surrogate, no duplicate key), else ``ParseError`` naming why: the
+    dispatcher takes from radiators only what a radiator would take."""
+    strict_json(payload)
+    return payload
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -300,17 +308,17 @@ class Dispatcher:
             kind, node = where
             try:
                 if kind == "request":
-                    req = WorkRequestMessage.model_validate_json(payload)
+                    req = WorkRequestMessage.model_validate_json(_checked(payload))
                     if req.node != node:
                         raise ValueError(f"request for {req.node} on {node}'s topic")
                     requests.append((node, req))
                 elif kind == "status":
-                    status = JobStatus.model_validate_json(payload)
+                    status = JobStatus.model_validate_json(_checked(payload))
                     if status.node != node:
                         raise ValueError(f"status from {status.node} on {node}'s topic")
                     statuses.append(status)
                 elif kind == "node":
-                    st = StatusMessage.model_validate_json(payload)
+                    st = StatusMessage.model_validate_json(_checked(payload))
                     if st.status is NodeStatus.LOST:
                         # not requeued here (module docstring): a radiator cut off, not
                         # dead, still runs its jobs until its lease lapses
