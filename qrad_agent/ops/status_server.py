@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -104,6 +105,7 @@ class StatusServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._wake_r = self._wake_w = -1
 
     def start(self) -> None:
         """Bind and serve. Raises ``OSError`` with a message naming the path and the fix."""
@@ -134,18 +136,25 @@ class StatusServer:
                 tmp.unlink()
             raise OSError(exc.errno, f"cannot serve status at {self.path}: "
                           f"{exc.strerror or exc}") from None
-        sock.settimeout(0.5)  # so close() is noticed without a connection
+        # the thread sleeps in select() until a client or close() (through this pipe) wakes
+        # it: no timeout to poll, so an idle agent costs no wake-ups here
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        sock.setblocking(False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="status-socket", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         assert self._sock is not None
+        listening = self._sock.fileno()
         while not self._closing.is_set():
             try:
+                readable, _, _ = select.select([listening, self._wake_r], [], [])
+                if listening not in readable:
+                    continue  # woken by close()
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
+            except (BlockingIOError, InterruptedError):
+                continue  # the client left before accept(), or a signal
             except OSError:
                 if self._closing.is_set():
                     return
@@ -153,7 +162,7 @@ class StatusServer:
                 continue
             with conn:
                 try:
-                    conn.settimeout(CLIENT_TIMEOUT_S)
+                    conn.settimeout(CLIENT_TIMEOUT_S)  # blocking again, with a limit
                     conn.sendall(self.box.render())
                     self.served += 1
                 except OSError as exc:
@@ -164,7 +173,13 @@ class StatusServer:
     def close(self) -> None:
         self._closing.set()
         if self._thread is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
             self._thread.join(2.0)
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._thread = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
