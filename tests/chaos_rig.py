@@ -12,7 +12,9 @@ schedule drawn from a seed:
   connection dies with an RST and new ones are refused, as when a NAT or a proxy restarts).
 
 Faults come one at a time, spread over the run by the jobs' progress: fault ``i`` of ``F``
-waits until ``(i+1)/(F+1)`` of the jobs are done, and for the previous fault's recovery.
+waits until ``(i+1)/(F+1)`` of the jobs are done, and for the previous fault's recovery. The
+jobs are queued in ``F+1`` waves, the next one just before each fault, so that every fault
+finds jobs placed and running (queued all at once, the last faults found the work done).
 
 What is measured, from what really happened rather than from what was reported:
 
@@ -862,6 +864,7 @@ class ChaosRun:
         self.rng = random.Random(plan.seed)
         self.broker: Broker | None = None
         self.proxies: dict[str, TcpProxy] = {}
+        self._waves: list[list[JobSpec]] = []  # jobs not queued yet (see the module doc)
         self.agents: dict[str, AgentProc] = {}
         self.dispatcher: DispatcherProc | None = None
         self.watcher: Watcher | None = None
@@ -926,7 +929,10 @@ class ChaosRun:
             work = self.rng.uniform(*(p.long_s if long else p.work_s))
             specs.append(_spec(self.env, self.job_log, self.locks, f"c{i:04d}", work,
                                prios[i % 3], p.lease_s))
-        self.queue.submit_many(specs, max_attempts=p.max_attempts)
+        waves = p.faults + 1
+        self._waves = [specs[w * len(specs) // waves:(w + 1) * len(specs) // waves]
+                       for w in range(waves)]
+        self._submit_wave()
         self.jobwatch = JobWatch(self.job_log)
         self.watcher = Watcher(self.broker.host, self.broker.port)
         self.dispatcher = DispatcherProc(self.dir, self.broker.port, self.dir / "fleet.db",
@@ -942,6 +948,10 @@ class ChaosRun:
         if with_agents:
             for agent in self.agents.values():
                 agent.start()
+
+    def _submit_wave(self) -> None:
+        if self._waves and self.queue is not None:
+            self.queue.submit_many(self._waves.pop(0), max_attempts=self.plan.max_attempts)
 
     def stop(self) -> None:
         for a in self.agents.values():
@@ -1015,8 +1025,10 @@ class ChaosRun:
         self.start()
         try:
             for i, f in enumerate(faults):
-                due = math.ceil((i + 1) * p.jobs / (len(faults) + 1))
+                due = (i + 1) * p.jobs // (len(faults) + 1)  # waves 0..i, all of them
                 self._wait_done(due, max(1.0, deadline - time.monotonic()))
+                self._submit_wave()  # the fault finds these placed and running
+                time.sleep(0.05)
                 self.progress(f"fault {i + 1}/{len(faults)}: {f.kind} {f.target} ({f.how}, "
                               f"{f.down_s:.2f} s) at {self.final()}/{p.jobs} done, "
                               f"{time.monotonic() - t0:.1f} s")
