@@ -202,7 +202,8 @@ class SensorHealthConfig(Section):
     # a new level that holds steady this long after a too-fast change is a real step (the
     # sensor was moved, a door stays open) and is accepted; shorter excursions are refused
     step_confirm_s: Annotated[float, Field(ge=10, le=3600)] = 60.0
-    # identical raw value this long on a chip that normally dithers = stuck
+    # identical raw value this long (and at least 30 reads) on a chip that normally dithers
+    # = stuck
     stuck_after_s: Annotated[float, Field(ge=10, le=7 * 86400)] = 900.0
     # a chip with no new measurement yet (SCD4x between its 5 s samples, a DS18B20 that did
     # not convert) stands in with its last good value for at most this long

@@ -396,3 +396,15 @@ def test_register_chip_base_is_usable_for_a_missing_register():
     mon, _, _ = rig(Empty(), "tmp102", 0x48)
     r = mon.poll(10.0)
     assert r.quality is Quality.MISSING and "EREMOTEIO" in r.detail
+
+
+def test_a_rarely_read_steady_chip_is_not_called_stuck_by_time_alone():
+    """Polled once a minute, a dithering chip in a steady room may repeat its word for a
+    quarter of an hour: stuck takes the repeats as well as the time."""
+    chip = TMP102Chip(21.0)
+    chip.fault = "stuck"
+    mon, _, _ = rig(chip, "tmp102", 0x48, stuck_after_s=900.0)
+    for i in range(30):  # 29 repeats over 29 minutes: past the time, not the repeats
+        assert mon.poll(60.0 * i).ok, i
+    r = mon.poll(60.0 * 30)  # the 30th repeat
+    assert r.quality is Quality.STUCK and "unchanged for 1800 s" in r.detail

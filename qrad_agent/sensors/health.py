@@ -11,7 +11,7 @@ One ``SensorMonitor`` per configured sensor. Each ``poll(now)``:
    ``stale`` after that;
 3. judges a value: ``out_of_range`` outside the chip's physical range (humidity outside
    0..100 %, CO2 outside 0..40000 ppm); ``stuck`` when a chip that normally dithers repeats
-   one raw value for ``stuck_after_s``; ``implausible_rate`` when the temperature moved away
+   one raw value for ``stuck_after_s`` and at least ``STUCK_MIN_REPEATS`` reads; ``implausible_rate`` when the temperature moved away
    from the last accepted one faster than the role allows.
 
 The rate check compares with the last *accepted* value, with an allowance that grows with
@@ -49,6 +49,12 @@ ROLE_RATE_K_PER_MIN: dict[Role, float | None] = {
 }
 HUMIDITY_RANGE_PCT = (0.0, 100.0)
 CO2_RANGE_PPM = (0.0, 40000.0)  # the widest range of the supported CO2 sensors (SCD41)
+
+
+# Stuck needs this many repeats as well as the time: a dithering chip read rarely (a board
+# polling once a minute) can repeat its last bit for a quarter of an hour in a steady room;
+# thirty reads without a flip is what dithering does not do.
+STUCK_MIN_REPEATS = 30
 
 
 @dataclass
@@ -91,6 +97,7 @@ class SensorMonitor:
         self._step: tuple[float, float, float] | None = None
         self._raw: int | None = None
         self._raw_since = 0.0
+        self._raw_repeats = 0  # polls since the raw value last changed
 
     @classmethod
     def from_config(cls, cfg: SensorConfig, driver: SensorDriver) -> SensorMonitor:
@@ -158,8 +165,11 @@ class SensorMonitor:
             )
         if m.raw is not None and self.driver.dithers:
             if m.raw != self._raw:
-                self._raw, self._raw_since = m.raw, now
-            elif now - self._raw_since > self.settings.stuck_after_s:
+                self._raw, self._raw_since, self._raw_repeats = m.raw, now, 0
+            else:
+                self._raw_repeats += 1
+            if self._raw_repeats >= STUCK_MIN_REPEATS \
+                    and now - self._raw_since > self.settings.stuck_after_s:
                 return self._failed(
                     now, Quality.STUCK,
                     f"raw value 0x{m.raw:04x} unchanged for {now - self._raw_since:.0f} s; "
