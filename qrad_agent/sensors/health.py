@@ -11,8 +11,9 @@ One ``SensorMonitor`` per configured sensor. Each ``poll(now)``:
    ``stale`` after that;
 3. judges a value: ``out_of_range`` outside the chip's physical range (humidity outside
    0..100 %, CO2 outside 0..40000 ppm); ``stuck`` when a chip that normally dithers repeats
-   one raw value for ``stuck_after_s`` and at least ``STUCK_MIN_REPEATS`` reads; ``implausible_rate`` when the temperature moved away
-   from the last accepted one faster than the role allows.
+   one raw value for ``stuck_after_s`` and at least ``STUCK_MIN_REPEATS`` reads;
+   ``implausible_rate`` when the temperature moved away from the last accepted one faster
+   than the role allows.
 
 The rate check compares with the last *accepted* value, with an allowance that grows with
 the time since it was taken (plus a margin for noise and resolution). A refused value never
