@@ -128,26 +128,16 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid``, and of its children it reaped (the spawner's
-    are the jobs; counted apart, see below)."""
+def cpu_s(pid: int | None) -> tuple[float, float]:
+    """User + system CPU seconds of ``pid`` itself, and of the children it reaped (the
+    spawner's children are the jobs, counted apart)."""
     if pid is None:
-        return 0.0
+        return 0.0, 0.0
     try:
         t = psutil.Process(pid).cpu_times()
     except psutil.Error:
-        return 0.0
-    return float(t.user + t.system)
-
-
-def children_cpu_s(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.children_user + t.children_system)
+        return 0.0, 0.0
+    return float(t.user + t.system), float(t.children_user + t.children_system)
 
 
 def throughput(n: int, slots: int, profile: str | None = None,
@@ -252,8 +242,8 @@ def throughput(n: int, slots: int, profile: str | None = None,
             pids = {"agent (this process)": os.getpid(), "dispatcher": disp.pid,
                     "mosquitto": broker.proc.pid if broker.proc else None,
                     "job spawner": spawner_pid}
-            cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
-            cpu0["jobs"] = children_cpu_s(spawner_pid)
+            cpu0 = {name: cpu_s(pid)[0] for name, pid in pids.items()}
+            cpu0["jobs"] = cpu_s(spawner_pid)[1]
             t0 = time.perf_counter()
             thread = threading.Thread(target=loop, daemon=True)
             thread.start()
@@ -265,8 +255,9 @@ def throughput(n: int, slots: int, profile: str | None = None,
                 time.sleep(0.01)
             elapsed = time.perf_counter() - t0
             done = max(1, queue.counts().get("succeeded", 0))
-            cpu = {name: (cpu_s(pid) - cpu0[name]) * 1000 / done for name, pid in pids.items()}
-            cpu["jobs"] = (children_cpu_s(spawner_pid) - cpu0["jobs"]) * 1000 / done
+            cpu = {name: (cpu_s(pid)[0] - cpu0[name]) * 1000 / done
+                   for name, pid in pids.items()}
+            cpu["jobs"] = (cpu_s(spawner_pid)[1] - cpu0["jobs"]) * 1000 / done
             counts = queue.counts()
             stop.request("benchmark done")
             thread.join(30)
