@@ -26,6 +26,7 @@ from qrad_agent.actuators.cgroups import QuotaLever, WorkerCgroup, find_mounts
 from qrad_agent.actuators.restore import RestoreRecord
 from qrad_agent.actuators.settings import CgroupConfig
 from qrad_agent.core.models import Plan
+from tests.procs import remove_cgroup
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SPIN = [sys.executable, "-c", "while True: pass"]
@@ -47,27 +48,10 @@ def parent() -> Iterator[str]:
             continue
         for d in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if d.is_dir():
-                _empty_and_remove(d)
-        _empty_and_remove(top)
+                remove_cgroup(d)
+        remove_cgroup(top)
 
 
-def _empty_and_remove(d: Path) -> None:
-    for name, value in (("cgroup.freeze", "0"), ("freezer.state", "THAWED")):
-        if (d / name).exists():
-            (d / name).write_text(value)
-    try:
-        for pid in (d / "cgroup.procs").read_text().split():
-            os.kill(int(pid), 9)
-    except (OSError, ValueError):
-        pass
-    for _ in range(100):
-        try:
-            d.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.02)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,6 +21,7 @@ from qrad_agent.actuators.restore import RestoreRecord
 from qrad_agent.actuators.settings import CgroupConfig, DutyCycleConfig, WorkersConfig
 from qrad_agent.actuators.workers import DutyCycle, WorkerSlots
 from qrad_agent.core.models import Plan
+from tests.procs import alive, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -30,20 +31,8 @@ def slots(n: int, quota: float = 1.0) -> Plan:
     return Plan(slots=n, freq_khz=1_000_000, quota=quota)
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie burns nothing and counts as gone)."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or cond}")
-        time.sleep(0.02)
 
 
 def cpu_of(pids: list[int], seconds: float) -> float:

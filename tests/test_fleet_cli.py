@@ -22,11 +22,11 @@ from qrad_agent.fleet.keys import load_private_key
 from qrad_agent.fleet.placement import FleetState
 from qrad_agent.fleet.queue import FleetQueue
 from tests.mqtt_broker import Broker, FleetClient
+from tests.procs import alive
 from tests.test_jobs_e2e import (
     JOB_CODE,
     TIMED_CODE,
     AgentProc,
-    alive,
     marks,
     started,
     wait_until,

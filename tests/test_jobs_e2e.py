@@ -29,6 +29,7 @@ from qrad_agent.fleet.placement import FleetState
 from qrad_agent.jobs.spec import JobSpec, parse_spec
 from qrad_agent.link.security import make_envelope, public_key_b64
 from tests.mqtt_broker import Broker, FleetClient
+from tests.procs import alive
 from tests.test_jobs_sandbox import JobEnv, job_env_lifetime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,15 +173,6 @@ def job_spec(env: JobEnv, job: str, priority: str = "low", **kw: Any) -> JobSpec
                        "timeout_s": 300.0, "lease_s": 6.0, **kw})
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for this purpose
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def marks(env: JobEnv, suffix: str = ".done") -> Counter[str]:

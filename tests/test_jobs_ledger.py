@@ -26,14 +26,13 @@ from qrad_agent.jobs.sandbox import Sandbox
 from qrad_agent.jobs.scheduler import JobScheduler
 from qrad_agent.jobs.spec import JobSpec, JobState, JobStatus, parse_spec
 from qrad_agent.store.db import Database, StoreError
+from tests.procs import alive, wait_for
 from tests.test_jobs_sandbox import (
     CGROUP_ROOT,
     JobEnv,
-    alive,
     cgroup_parent_lifetime,
     job_env_lifetime,
     make_cgroup,
-    wait_for,
 )
 
 NODE = "n1"

@@ -21,7 +21,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from qrad_agent.actuators.settings import CgroupConfig
 from qrad_agent.jobs.sandbox import JobRun, Outcome, Refusal, Sandbox, SandboxError
 from qrad_agent.jobs.settings import JobsConfig
 from qrad_agent.jobs.spec import JobState, Reason, parse_spec
+from tests.procs import alive, remove_cgroup, wait_for
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 JOB_USER = "qrad-job"
@@ -134,23 +135,6 @@ def cgroup_parent() -> Iterator[str]:
     yield from cgroup_parent_lifetime()
 
 
-def remove_cgroup(d: Path) -> None:
-    for name, value in (("cgroup.freeze", "0"), ("freezer.state", "THAWED")):
-        if (d / name).exists():
-            (d / name).write_text(value)
-    try:
-        for pid in (d / "cgroup.procs").read_text().split():
-            os.kill(int(pid), 9)
-    except (OSError, ValueError):
-        pass
-    for _ in range(100):
-        try:
-            d.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.02)
 
 
 def make_cgroup(parent: str) -> WorkerCgroup:
@@ -162,19 +146,8 @@ def make_cgroup(parent: str) -> WorkerCgroup:
     return cg
 
 
-def alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or cond}")
-        time.sleep(0.01)
 
 
 def finish(run: JobRun, timeout: float = 10.0) -> Outcome:
@@ -498,16 +471,9 @@ def _b64(data: bytes) -> str:
 
 
 def _gone(pid: int) -> bool:
-    return not alive(pid) or _reap(pid)
+    return not alive(pid)
 
 
-def _reap(pid: int) -> bool:
-    """Reap ``pid`` if it is our dead child (a killed run nobody polls any more)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return bool(done)
-    except ChildProcessError:
-        return False
 
 
 def test_a_job_whose_spawner_died_ends_interrupted_and_the_next_job_runs(

@@ -24,14 +24,13 @@ from qrad_agent.jobs.sandbox import Sandbox
 from qrad_agent.jobs.scheduler import JobScheduler, make_filler
 from qrad_agent.jobs.spec import JobSpec, JobState, JobStatus, parse_spec
 from qrad_agent.store.db import Database
+from tests.procs import alive, wait_for
 from tests.test_jobs_sandbox import (
     JobEnv,
-    alive,
     cgroup_parent_lifetime,
     job_env_lifetime,
     make_cgroup,
     skip,
-    wait_for,
 )
 
 NODE = "n1"

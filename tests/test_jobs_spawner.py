@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from qrad_agent.jobs.spawner import Exit, Launch, Spawner, SpawnError
+from tests.procs import alive
 
 SH = "/bin/sh"
 
@@ -42,12 +43,6 @@ def wait_exit(s: Spawner, pid: int, timeout: float = 10.0) -> Exit:
     return ended
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_child_gets_its_directory_environment_output_session_and_limits(
