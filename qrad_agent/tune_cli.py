@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qrad_agent.atomic import write_json
 from qrad_agent.config import AgentConfig, ConfigError, PidConfig, describe_errors, load_config
 from qrad_agent.core.autotune import RelayAutotune, TuneResult, step_response
 from qrad_agent.core.controller import Decision
@@ -262,10 +262,7 @@ def write_overlay(path: Path, result: TuneResult, setpoint_c: float,
     data["written_at"] = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     data["config"] = _merge(data.get("config", {}), update)
     data["experiment"] = _experiment_summary(result, setpoint_c)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, data, indent=2)  # a half-written overlay would stop the agent's start
     return data
 
 

@@ -17,9 +17,10 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from qrad_agent.atomic import fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +118,10 @@ class RestoreRecord:
         if not levers:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            _fsync_dir(directory)
+            fsync_dir(directory)
             return
         doc = {"format": _FORMAT, "boot_id": self._boot_id, "levers": levers}
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        write_json(self.path, doc, indent=1, sort_keys=True)
 
 
 def _validated(doc: object) -> dict[str, dict[str, str]]:
@@ -148,15 +138,6 @@ def _validated(doc: object) -> dict[str, dict[str, str]]:
             raise ValueError(f"lever {name!r} must map setting names to string values")
         out[str(name)] = dict(keys)
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    # the rename is durable only once the directory entry is
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remember_originals(

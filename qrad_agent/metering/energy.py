@@ -19,11 +19,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qrad_agent.atomic import write_json
 from qrad_agent.metering import PowerReading
 
 log = logging.getLogger(__name__)
@@ -74,24 +74,7 @@ class EnergyAccumulator:
             "by_source": self.by_source,
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_json(self.path, doc)
         self._dirty = False
 
     def close(self) -> None:

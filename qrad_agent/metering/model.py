@@ -16,17 +16,15 @@ single frequency cannot tell the exponent; then the given one is kept.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qrad_agent.atomic import write_json
 from qrad_agent.core.models import Plan, Quality
 from qrad_agent.core.power import PowerModel
 from qrad_agent.metering import MODEL, PowerReading
@@ -168,18 +166,7 @@ def save_fitted(state_dir: Path, fitted: FittedModel, source: str,
         "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "measurements": [asdict(p) for p in points],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_json(path, doc, indent=1)
     return path
 
 
