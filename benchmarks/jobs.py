@@ -228,7 +228,7 @@ def throughput(n: int, slots: int, profile: str | None = None,
                 # the agent's own service loop, with its ticks 10x faster than a radiator's
                 # (a control tick every second): it wakes for link messages and job ends
                 run_realtime(agent, stop, world, 10.0, on_beat=fleet.beat,
-                             wake_fds=fleet.wake_fds)
+                             wake_fds=fleet.wake_fds, after_wake=fleet.after_wake)
                 agent.stop()
                 jobs.stop()
                 bridge.stop()

@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            status_socket=args.status_socket, metrics_port=args.metrics_port,
                            on_beat=fleet.beat if fleet else None,
                            after_stop=fleet.after_stop() if fleet else (),
-                           wake_fds=fleet.wake_fds if fleet else None)
+                           wake_fds=fleet.wake_fds if fleet else None,
+                           after_wake=fleet.after_wake if fleet else None)
 
     from qrad_agent.sim.run import build_sim_agent
     from qrad_agent.sim.scenario import load_scenario
@@ -80,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port, on_beat=fleet.beat if fleet else None,
             after_stop=fleet.after_stop() if fleet else (),
             wake_fds=fleet.wake_fds if fleet else None,
+            after_wake=fleet.after_wake if fleet else None,
         )
     finally:
         live.summary(stop.signal_name)

@@ -41,6 +41,11 @@ class FleetConnection:
         """What the service loop waits on besides its timers: a job's end."""
         return self.jobs.scheduler.wake_fds() if self.jobs is not None else []
 
+    def after_wake(self) -> None:
+        """Take in what a ``wake_fds`` descriptor brought (the spawner's job ends)."""
+        if self.jobs is not None:
+            self.jobs.scheduler.sandbox.spawner.poll()
+
     def after_stop(self) -> list[Callable[[], None]]:
         """In order, once the levers are restored: the jobs' final reports into the outbox,
         then the link's flush and its ``offline``."""

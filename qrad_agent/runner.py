@@ -581,6 +581,7 @@ def run_realtime(
     lifecycle: Lifecycle | None = None,
     on_beat: BeatHook | None = None,
     wake_fds: Callable[[], Sequence[int]] | None = None,
+    after_wake: Callable[[], None] | None = None,
 ) -> None:
     """Serve the agent until ``stop`` is set (or ``max_seconds`` of real time pass).
 
@@ -591,7 +592,8 @@ def run_realtime(
     ``on_beat(now, local, decision)`` runs after every beat in the loop's thread (the fleet
     link's and the jobs' ``service``); what it raises is logged, never fatal. The loop's
     waits also end when a descriptor of ``wake_fds()`` becomes readable (a job ended: its
-    slot is given again at once, not at the next timer).
+    slot is given again at once, not at the next timer); ``after_wake()`` then takes in what
+    is there, whatever the beat does next, so a readable descriptor never spins the loop.
     """
     started = time.monotonic()
     step = agent.cfg.control.sensor_period_s
@@ -647,6 +649,11 @@ def run_realtime(
         if lifecycle is not None:
             lifecycle.after_turn(time.monotonic())
         stop.wait(min(wait, 0.5), wake_fds() if wake_fds is not None else ())
+        if after_wake is not None:
+            try:
+                after_wake()
+            except Exception:
+                log.exception("taking in what woke the loop failed (control continues)")
 
 
 def ops_config(cfg: AgentConfig) -> OpsConfig:
@@ -672,6 +679,7 @@ def run_service(
     on_beat: BeatHook | None = None,
     after_stop: Sequence[Callable[[], None]] = (),
     wake_fds: Callable[[], Sequence[int]] | None = None,
+    after_wake: Callable[[], None] | None = None,
 ) -> int:
     """Run the agent as a service until stopped; restore its levers; return the exit code.
 
@@ -716,7 +724,7 @@ def run_service(
     code = EXIT_OK
     try:
         run_realtime(agent, stop, world, speed, on_decision, max_seconds, lifecycle=life,
-                     on_beat=on_beat, wake_fds=wake_fds)
+                     on_beat=on_beat, wake_fds=wake_fds, after_wake=after_wake)
     except LoopGaveUp as exc:
         log.critical("giving up: %s; exiting for the service manager to restart the agent", exc)
         life.events.add("gave_up", str(exc))

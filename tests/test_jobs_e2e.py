@@ -101,7 +101,8 @@ def agent_main(conf_text: str) -> None:
     fleet = FleetConnection(link, bridge, jobs)
     # the agent's own service loop, its simulated time 50x real (a control tick every 0.2 s):
     # it wakes for link messages and for job ends
-    run_realtime(agent, stop, world, 50.0, on_beat=fleet.beat, wake_fds=fleet.wake_fds)
+    run_realtime(agent, stop, world, 50.0, on_beat=fleet.beat, wake_fds=fleet.wake_fds,
+                 after_wake=fleet.after_wake)
     agent.stop()
     jobs.stop()
     bridge.stop()

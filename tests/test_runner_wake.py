@@ -27,13 +27,20 @@ def test_a_readable_wake_fd_runs_the_hooks_between_ticks() -> None:
 
     def on_beat(now: float, local: datetime, decision: Decision | None) -> None:
         calls.append((time.monotonic(), decision is None))
+        raise RuntimeError("a failing hook must not leave the descriptor to spin the loop")
+
+    wakes: list[float] = []
+
+    def after_wake() -> None:
+        wakes.append(time.monotonic())
         os.set_blocking(r, False)
         with contextlib.suppress(BlockingIOError):
-            os.read(r, 64)  # the hook drains what woke it, as the scheduler's step does
+            os.read(r, 64)  # takes in what woke the loop, as the spawner's poll does
 
     stop = StopFlag()
     loop = threading.Thread(target=run_realtime, args=(agent, stop, world, 1.0),
-                            kwargs={"on_beat": on_beat, "wake_fds": lambda: [r]})
+                            kwargs={"on_beat": on_beat, "wake_fds": lambda: [r],
+                                    "after_wake": after_wake})
     loop.start()
     try:
         time.sleep(0.3)
@@ -48,8 +55,8 @@ def test_a_readable_wake_fd_runs_the_hooks_between_ticks() -> None:
         assert between_ticks  # no control decision: only the hooks ran
         assert at - woke_at < 1.5  # not at the next tick (20 s) nor a long timer
         time.sleep(0.3)
-        # drained: the loop went back to waiting instead of spinning on the descriptor
-        assert len(calls) - before < 10
+        # drained though the hook failed: the loop went back to waiting, no spin
+        assert len(calls) - before < 10 and len(wakes) < 20
     finally:
         stop.request("test")
         loop.join(10)

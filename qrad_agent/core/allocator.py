@@ -118,7 +118,7 @@ class Allocator:
             if fast > n and may_start:
                 return fast
             # down: only slots no job needs stop (filler's), so no job is paused by it
-            return max(fast, min(n, self.urgent_cores)) if fast < n else n
+            return min(n, max(fast, self.urgent_cores))
         up = max(needed, efficient)
         if up > n and may_start:
             return up

@@ -173,6 +173,7 @@ class PolicyDecision:
     capacity: int  # slots jobs and filler may use now
     free_slots: int  # slots no job holds (filler included)
     why_no_request: str = ""  # for people: why no work is asked for
+    urgent_cores: int = 0  # the allocator's hint (see urgent_cores)
 
     def of(self, kind: type[Action]) -> list[Action]:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -245,15 +246,16 @@ def decide(inputs: PolicyInputs, cfg: PolicyConfig) -> PolicyDecision:
     if throttle:
         # what waits does not fit the free slots: it starts all the same, throttled, while
         # every running job still gets at least one slot's worth of the quota
-        for job in list(left):
-            if n_running >= capacity:
-                break
-            if job.cores <= inputs.throttle_cores:
+        # (a job left here is wider than the free slots: once one starts, none is free)
+        still: list[JobView] = []
+        for job in left:
+            if n_running < capacity and job.cores <= inputs.throttle_cores:
                 actions.append(_run(job))
-                left.remove(job)
                 n_running += 1
-                free -= job.cores
-    free = max(0, free)
+                free = 0
+            else:
+                still.append(job)
+        left = still
 
     # 4. filler in what is left
     filler = free if heat and inputs.filler_available else 0
@@ -268,7 +270,8 @@ def decide(inputs: PolicyInputs, cfg: PolicyConfig) -> PolicyDecision:
             # once with a slot's worth each; the budget is still the free slots' heat
             offered = max(free, min(inputs.throttle_cores, capacity - n_running))
         request = WorkRequest(offered, round(free * max(0.0, inputs.slot_w), 1), cfg.horizon_s)
-    return PolicyDecision(tuple(actions), filler, request, capacity, free, why)
+    return PolicyDecision(tuple(actions), filler, request, capacity, free, why,
+                          urgent_cores(inputs.jobs))
 
 
 def _run(job: JobView) -> Action:

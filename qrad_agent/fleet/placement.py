@@ -192,11 +192,5 @@ def expired(leases: Iterable[Lease], now: float) -> list[str]:
     ]
 
 
-def held_by(leases: Iterable[Lease], node: str) -> list[str]:
-    """Jobs leased to ``node`` (to requeue when it is lost)."""
-    return [lease.job_id for lease in leases
-            if lease.node == node and lease.state in (FleetState.LEASED, FleetState.CANCELLING)]
-
-
 def avoided(avoid: Mapping[str, float], now: float) -> frozenset[str]:
     return frozenset(n for n, until in avoid.items() if until > now)

@@ -30,7 +30,6 @@ from qrad_agent.fleet.placement import (
     Verdict,
     avoided,
     expired,
-    held_by,
     on_report,
     place,
     requeue,
@@ -253,16 +252,6 @@ class FleetQueue:
             ids = expired((j.lease() for j in jobs.values()), now)
             for job_id in ids:
                 self._lapse(jobs[job_id], "lease_expired", now)
-        return ids
-
-    def node_lost(self, node: str, now: float | None = None) -> list[str]:
-        """``node`` is lost (its will): requeue what it held."""
-        now = self.clock() if now is None else now
-        with self.db.transaction(durable=True):
-            jobs = {j.job_id: j for j in self.list((FleetState.LEASED, FleetState.CANCELLING))}
-            ids = held_by((j.lease() for j in jobs.values()), node)
-            for job_id in ids:
-                self._lapse(jobs[job_id], "node_lost", now)
         return ids
 
     def requeue(self, job_id: str, reason: str, now: float | None = None) -> FleetState:

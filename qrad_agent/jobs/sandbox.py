@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fcntl
 import grp
 import hashlib
 import logging
@@ -61,7 +60,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -153,7 +152,7 @@ class Sandbox:
         self._prepare_dirs()
         self._cgroup_why = "" if cgroup is not None else "no workers' cgroup configured"
         self.spawner = Spawner()  # its process starts with the first job
-        self.janitor = _Janitor(self.run_dir)
+        self.janitor = _Janitor()
 
     def close(self) -> None:
         """Stop the spawner process (running jobs are not touched: end them first) and
@@ -282,12 +281,13 @@ class Sandbox:
         pids = self.spawner.launch_many([p.launch for _, p in ready])
         for (i, prep), pid in zip(ready, pids, strict=True):
             if isinstance(pid, SpawnError):
-                prep.discard()
+                prep.discard(self.janitor)
                 out[i] = self._start_error(prep, pid)
             else:
                 out[i] = JobRun(self, prep.spec, pid, prep.token, prep.work, prep.log_path,
                                 prep.group)
-        return [r for r in out if r is not None]
+        assert all(r is not None for r in out)  # every job has its run or its error
+        return cast(list[JobRun | Refusal | SandboxError], out)
 
     def _prepare(self, spec: JobSpec, token: str) -> _Prepared:
         exe = self.admit(spec, spec.cores)
@@ -303,7 +303,7 @@ class Sandbox:
                 limits=self._limits(spec), nice=self.cfg.nice,
                 ids=(self.user.uid, self.user.gid) if self.user is not None else None)
         except BaseException:
-            prep.discard()
+            prep.discard(self.janitor)
             raise
         return prep
 
@@ -428,8 +428,7 @@ class _Janitor:
     directory is renamed away at once, so its name is free again; whatever is left when the
     agent dies, the next start's sweep removes."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Path, JobGroup | None] | None] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -478,11 +477,10 @@ class _Prepared:
     group: JobGroup | None = None
     launch: Launch = field(init=False)
 
-    def discard(self) -> None:
+    def discard(self, janitor: _Janitor) -> None:
         if self.group is not None:
-            self.group.kill()
-            self.group.remove()
-        shutil.rmtree(self.work, ignore_errors=True)
+            self.group.kill()  # now; the janitor removes the group and the directory
+        janitor.discard(self.work, self.group)
         with contextlib.suppress(OSError):
             self.log_path.unlink()
 
@@ -867,16 +865,6 @@ class JobGroup:
 
 def new_token() -> str:
     return secrets.token_hex(8)
-
-
-def _read_all(fd: int) -> bytes:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    out = b""
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(fd, 4096):
-            out += chunk
-    return out
 
 
 def _open_beneath(root: int, rel: str) -> int:

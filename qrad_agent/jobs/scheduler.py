@@ -57,7 +57,6 @@ from qrad_agent.core.jobs import (
     Start,
     Suspend,
     decide,
-    urgent_cores,
 )
 from qrad_agent.core.models import Plan
 from qrad_agent.core.power import PowerModel
@@ -413,7 +412,8 @@ class JobScheduler:
 
     def urgent_cores(self) -> int:
         """The allocator's hint while high-priority work is here (decision 0018)."""
-        return urgent_cores(j.view() for j in self._jobs.values())
+        last = self.stats.last  # the last step's decision computed it from the same views
+        return last.urgent_cores if last is not None else 0
 
     def _carry_out(self, decision: PolicyDecision, now: float) -> bool:
         failed = False
@@ -525,7 +525,6 @@ class JobScheduler:
         return [fd] if fd is not None else []
 
     def _reap(self, now: float) -> None:
-        self.sandbox.spawner.poll()  # drained every step: a loop waiting on it must not spin
         ended: list[tuple[_Job, Outcome]] = []
         for job in list(self._jobs.values()):
             if job.run is None:

@@ -216,11 +216,10 @@ def serve(sock: socket.socket) -> int:
                 except (ValueError, KeyError, TypeError) as exc:
                     replies.append({"id": None, "exec": False,
                                     "error": f"bad request to the spawner: {exc!r}"})
-            procs = {f[0]: f[3] for f in forked}
-            for rid, pid, err_r, _ in forked:
+            for rid, pid, err_r, procs in forked:
                 reply = _outcome(rid, pid, err_r)
                 if "pid" in reply:
-                    live[pid] = procs[rid]
+                    live[pid] = procs
                 replies.append(reply)
             for reply in replies:
                 send(reply)
